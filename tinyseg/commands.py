@@ -1,0 +1,161 @@
+"""What each CLI verb does, given parsed arguments; the jobs themselves live in their packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+log = logging.getLogger("tinyseg")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault: printed as one clear message, never as a traceback."""
+    from .config import ConfigError
+    from .data.coco import DatasetError
+    from .engine.checkpoint import CheckpointError
+    from .engine.trainer import NonFiniteLossError
+    from .model.weights import BackboneWeightsError
+
+    return (ConfigError, DatasetError, CheckpointError, BackboneWeightsError, NonFiniteLossError,
+            FileNotFoundError, ValueError)
+
+
+def run_verb(args: argparse.Namespace) -> int:
+    return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "validate-submission": cmd_validate, "visualize": cmd_visualize, "check-data": cmd_check_data,
+            "demo": cmd_demo}[args.verb](args)
+
+
+def train_config(args: argparse.Namespace):
+    from .config import load_config
+
+    paths = {"data.train_json": args.train_json, "data.image_dir": args.image_dir, "data.val_json": args.val_json,
+             "data.val_image_dir": args.val_image_dir, "train.output_dir": args.output_dir}
+    given = [f"{key}={json.dumps(value)}" for key, value in paths.items() if value]
+    return load_config(args.config, given + list(args.overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .cli import launch_torchrun
+    from .engine.distributed import launched_by_torchrun
+    from .engine.trainer import train
+
+    if args.devices > 1 and not launched_by_torchrun():
+        return launch_torchrun(sys.argv[1:], args.devices)
+    config = train_config(args)
+    summary = train(config, resume=args.resume)
+    log.info("done: %d epochs, %d iterations; best %s; run in %s", summary["epochs"], summary["iterations"],
+             _short(summary["best"]), summary["run_dir"])
+    return 0
+
+
+def _short(best: dict) -> str:
+    if best.get("segm_AP50", -1) < 0:
+        return "(no validation set)"
+    return f"segm AP50 {best['segm_AP50']:.4f} at epoch {best.get('epoch')}"
+
+
+def _predict_config(args: argparse.Namespace, checkpoint: str):
+    from .config import config_from_dict
+    from .engine.checkpoint import load_checkpoint
+
+    predict = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
+    for name in ("score_thresh", "max_detections", "mask_thresh", "batch_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(predict, name, value)
+    return predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference.run import PredictJob, run_predict
+
+    job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
+                     _predict_config(args, args.checkpoint), args.workers)
+    found = run_predict(job)
+    if found.errors:
+        print(f"tinyseg predict: {len(found.errors)} image(s) could not be read and have no detections:",
+              file=sys.stderr)
+        for error in found.errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.coco_eval import format_report
+    from .inference.run import PredictJob, run_evaluate, run_predict
+    from .inference.submission import write_json
+
+    iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
+    if bool(args.detections) == bool(args.checkpoint):
+        raise ValueError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
+    detections = args.detections
+    if args.checkpoint:
+        if not args.image_dir:
+            raise ValueError("--checkpoint needs --image-dir")
+        out = Path(args.output or "evaluation.json")
+        job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
+                         args.device, _predict_config(args, args.checkpoint), args.workers)
+        detections = run_predict(job).results
+    results = run_evaluate(args.gt, detections, iou_types)
+    print(format_report(results))
+    if args.output:
+        write_json(args.output, results)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .inference.submission import validate_submission
+
+    problems = validate_submission(args.submission, args.images_json, args.categories_json)
+    if problems:
+        print(f"{args.submission}: {len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    count = len(json.loads(Path(args.submission).read_text()))
+    print(f"{args.submission}: valid ({count} detections)")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .data.coco import load_coco, read_json
+    from .visualize import write_overlays
+
+    if args.detections:
+        source = args.images_json or args.gt
+        if not source:
+            raise ValueError("--detections needs --images-json (or --gt) for the image list")
+        images = read_json(source)["images"]
+        instances = read_json(args.detections)
+        categories = read_json(args.categories_json or source).get("categories", [])
+    else:
+        if not args.gt:
+            raise ValueError("give --gt to draw ground truth, or --detections with --images-json")
+        data = load_coco(args.gt)
+        full = data.to_coco_dict()
+        images, instances, categories = full["images"], full["annotations"], full["categories"]
+    chosen = random.Random(args.seed).sample(images, min(args.num, len(images)))
+    written = write_overlays(chosen, instances, categories, args.image_dir, args.output_dir, args.score_thresh)
+    print(f"wrote {len(written)} overlays to {args.output_dir}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data.report import check_dataset
+
+    report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels)
+    print(report)
+    return 0 if usable else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, list(args.overrides))
+    return 0

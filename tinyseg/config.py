@@ -1,0 +1,268 @@
+"""The one config object: dataclasses, loaded from YAML, every field overridable as `section.key=value`.
+
+A preset is a YAML file in tinyseg/configs/ that states only what differs from the defaults below.
+`--config` takes a preset name or a path; command-line `key=value` pairs are applied last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+@dataclass
+class DataConfig:
+    train_json: str = ""
+    image_dir: str = ""
+    val_json: str = ""  # explicit validation set; empty = split val_fraction off the training set
+    val_image_dir: str = ""  # defaults to image_dir
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    train_negatives: bool = False  # keep images without annotations in training, as negatives
+    num_workers: int = 2
+    max_image_pixels: int = 40_000_000  # larger images are refused with a clear error
+
+
+@dataclass
+class InputConfig:
+    min_size: list[int] = field(default_factory=lambda: [800])  # short side; several = multi-scale
+    max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    hflip_prob: float = 0.5
+    # The reference solution tripled the data: the original, a copy and one horizontally flipped copy.
+    # copies=3 with flipped_copies=1 reproduces that; copies=1 is the usual one pass per epoch.
+    copies: int = 1
+    flipped_copies: int = 0
+    photometric: bool = False
+    lsj: bool = False  # large-scale jitter: random resize by lsj_scale, then crop/pad to lsj_size
+    lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    lsj_size: int = 1024
+    copy_paste_prob: float = 0.0  # Simple Copy-Paste between the images of a batch
+    aspect_ratio_grouping: bool = True
+    repeat_threshold: float = 0.0  # LVIS repeat-factor sampling; 0 = off, LVIS uses 0.001
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    init: str = "imagenet"  # imagenet | none | /path/to/state_dict.pth
+    norm: str = "auto"  # auto | frozen_bn | bn | gn | syncbn; auto = frozen_bn if pretrained else gn
+    trainable_layers: int = 3  # pretrained backbones only; from scratch trains all stages
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    box_head_dropout: float = 0.0
+    mask_head_dropout: float = 0.0
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+
+
+@dataclass
+class SolverConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 2
+    accumulate: int = 1  # gradient accumulation steps per optimizer step
+    epochs: int = 12
+    max_iters: int = 0  # optimizer steps; > 0 overrides epochs
+    scheduler: str = "cosine"  # cosine | step | constant
+    step_epochs: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    warmup_iters: int = 200
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 = off
+    ema: bool = False
+    ema_decay: float = 0.9998
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto | none | bf16 | fp16; auto = bf16 on CPUs that have it, fp16 on CUDA
+    channels_last: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    eval_every: int = 1  # epochs; 0 = only at the end
+    log_every: int = 10  # iterations between metrics.jsonl lines
+    nonfinite_loss: str = "stop"  # stop | skip
+    max_time_min: float = 0.0  # stop cleanly (checkpoint + eval) after this much wall time; 0 = off
+
+
+@dataclass
+class PredictConfig:
+    score_thresh: float = 0.01
+    max_detections: int = 100
+    mask_thresh: float = 0.5
+    nms_thresh: float = 0.5
+    batch_size: int = 2
+    tta: bool = False
+    tta_scales: list[int] = field(default_factory=list)  # extra test short sides; empty = flip only
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    if path.exists():
+        return path
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(preset_names())}"
+    )
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file or preset, then `section.key=value` overrides."""
+    config = Config()
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        apply_dict(config, loaded, source=str(path))
+    for item in overrides or []:
+        apply_override(config, item)
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    apply_dict(config, values, source="checkpoint")
+    return config
+
+
+def apply_dict(config: Config, values: dict[str, Any], source: str) -> None:
+    for section_name, section_values in values.items():
+        section = _section(config, section_name, source)
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: section '{section_name}' must be a mapping")
+        for key, value in section_values.items():
+            _set_field(section, section_name, key, value, source)
+
+
+def apply_override(config: Config, item: str) -> None:
+    """Apply `section.key=value`, or `key=value` when the key names exactly one field."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if "." in dotted:
+        section_name, key = dotted.split(".", 1)
+    else:
+        owners = [f.name for f in dataclasses.fields(config) if dotted in _field_names(getattr(config, f.name))]
+        if len(owners) != 1:
+            where = f"in {', '.join(owners)}" if owners else "in no section"
+            raise ConfigError(f"override '{item}': key '{dotted}' is {where}; write section.{dotted}=...")
+        section_name, key = owners[0], dotted
+    _set_field(_section(config, section_name, "command line"), section_name, key, value, "command line")
+
+
+def _section(config: Config, name: str, source: str) -> Any:
+    names = [f.name for f in dataclasses.fields(config)]
+    if name not in names:
+        raise ConfigError(f"{source}: unknown config section '{name}'{_suggest(name, names)}")
+    return getattr(config, name)
+
+
+def _field_names(section: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def _set_field(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+    names = _field_names(section)
+    if key not in names:
+        raise ConfigError(f"{source}: unknown key '{section_name}.{key}'{_suggest(key, names)}")
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(value, hint, f"{section_name}.{key}", source))
+
+
+def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, item_type, name, source) for v in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        return "" if value is None else str(value)
+    raise ConfigError(f"{source}: '{name}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+CHOICES = {
+    ("model", "norm"): ("auto", "frozen_bn", "bn", "gn", "syncbn"),
+    ("solver", "optimizer"): ("sgd", "adamw"),
+    ("solver", "scheduler"): ("cosine", "step", "constant"),
+    ("train", "amp"): ("auto", "none", "bf16", "fp16"),
+    ("train", "nonfinite_loss"): ("stop", "skip"),
+}
+
+
+def validate(config: Config) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"'{section}.{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    if not config.input.min_size or min(config.input.min_size) <= 0:
+        raise ConfigError("'input.min_size' needs at least one positive size")
+    if config.solver.batch_size < 1 or config.solver.accumulate < 1:
+        raise ConfigError("'solver.batch_size' and 'solver.accumulate' must be >= 1")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError("'data.val_fraction' must be in [0, 1)")

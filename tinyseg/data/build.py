@@ -1,0 +1,80 @@
+"""From the config to checked training and validation data: every check runs before the first step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from .coco import CategoryMap, CocoData, DatasetError, ImageRecord, format_problems, load_coco
+from .images import check_images
+from .split import content_keys, split_records
+
+log = logging.getLogger("tinyseg")
+
+
+@dataclass
+class TrainingData:
+    categories: CategoryMap
+    train_records: list[ImageRecord]
+    train_image_dir: Path
+    val_records: list[ImageRecord]
+    val_image_dir: Path
+    val_gt: dict | None  # COCO ground truth of the val records, for evaluation
+
+
+def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annotations: bool = True) -> CocoData:
+    """Load a COCO file and open every image it names; raise DatasetError listing all problems."""
+    if not json_path:
+        raise DatasetError("no annotation file given (data.train_json / --train-json)")
+    if not image_dir or not Path(image_dir).is_dir():
+        raise DatasetError(f"image folder '{image_dir}' for {json_path} does not exist")
+    data = load_coco(json_path, require_annotations)
+    problems = check_images(image_dir, data.images, json_path, max_pixels)
+    if problems:
+        raise DatasetError(format_problems(problems, f"{json_path}: images in {image_dir} cannot be used"))
+    for warning in data.problems:
+        log.warning("%s", warning)
+    return data
+
+
+def build_training_data(cfg: Config) -> TrainingData:
+    d = cfg.data
+    train = load_checked(d.train_json, d.image_dir, d.max_image_pixels)
+    train_dir = Path(d.image_dir)
+    if d.val_json:
+        val_dir = Path(d.val_image_dir or d.image_dir)
+        val = load_checked(d.val_json, str(val_dir), d.max_image_pixels)
+        if val.categories.category_ids != train.categories.category_ids:
+            raise DatasetError(f"{d.val_json}: categories {val.categories.category_ids} differ from"
+                               f" {d.train_json}: {train.categories.category_ids}")
+        _refuse_overlap(train.images, train_dir, val.images, val_dir, d.val_json)
+        train_records, val_records, gt_source = train.images, val.images, val
+    else:
+        val_dir = train_dir
+        train_records, val_records = split_records(train_dir, train.images, d.val_fraction, d.split_seed)
+        gt_source = train
+    kept = [r for r in train_records if d.train_negatives or r.has_instances]
+    if not kept:
+        raise DatasetError(f"{d.train_json}: no training image has a (non-crowd) instance")
+    return TrainingData(train.categories, kept, train_dir, val_records, val_dir,
+                        gt_source.to_coco_dict(val_records) if val_records else None)
+
+
+def _refuse_overlap(train: list[ImageRecord], train_dir: Path, val: list[ImageRecord], val_dir: Path,
+                    val_json: str) -> None:
+    """An explicit val set must not share images (same bytes or same picture) with the training set."""
+    seen = {}
+    for record in train:
+        for key in content_keys(train_dir, record):
+            seen[key] = record
+    leaks = []
+    for record in val:
+        for key in content_keys(val_dir, record):
+            if key in seen:
+                leaks.append(f"{val_json}: image id={record.image_id} ({record.file_name}) duplicates training"
+                             f" image id={seen[key].image_id} ({seen[key].file_name})")
+                break
+    if leaks:
+        raise DatasetError("validation images leak from the training set:\n  " + "\n  ".join(leaks[:20]))

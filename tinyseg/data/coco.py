@@ -1,0 +1,305 @@
+"""Read and check COCO instance JSON: records per image, and the map between file ids and labels.
+
+Every problem is reported with the file and the entry (`images[3] id=17`, `annotations[42] id=99`),
+so a bad dataset is refused before the first training step, not hours later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ERROR, WARNING = "error", "warning"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file and the entries."""
+
+
+@dataclass
+class Problem:
+    file: str
+    entry: str
+    message: str
+    severity: str = ERROR
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.entry}: {self.message}"
+
+
+@dataclass
+class CategoryMap:
+    """The file's category ids go in and come out; contiguous labels 1..K are used inside (0 = background)."""
+
+    category_ids: list[int]
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+
+    @classmethod
+    def from_categories(cls, categories: list[dict]) -> "CategoryMap":
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return cls([int(c["id"]) for c in ordered], [str(c.get("name", c["id"])) for c in ordered])
+
+    @property
+    def num_classes(self) -> int:
+        """Including the background class."""
+        return len(self.category_ids) + 1
+
+    def category_to_label(self, category_id: int) -> int:
+        return self._label_of[int(category_id)]
+
+    def label_to_category(self, label: int) -> int:
+        return self.category_ids[int(label) - 1]
+
+    def label_to_name(self, label: int) -> str:
+        return self.names[int(label) - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CategoryMap":
+        return cls([int(i) for i in values["category_ids"]], [str(n) for n in values["names"]])
+
+    def to_coco(self) -> list[dict]:
+        return [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.names)]
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+    annotations: list[dict] = field(default_factory=list)
+
+    @property
+    def has_instances(self) -> bool:
+        return any(not a.get("iscrowd", 0) for a in self.annotations)
+
+
+@dataclass
+class CocoData:
+    path: str
+    images: list[ImageRecord]
+    categories: CategoryMap
+    problems: list[Problem] = field(default_factory=list)
+
+    def to_coco_dict(self, records: list[ImageRecord] | None = None) -> dict[str, Any]:
+        """A COCO dict for evaluation (ground truth of the given records, or all)."""
+        records = self.images if records is None else records
+        images = [{"id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width} for r in records]
+        annotations = [dict(a) for r in records for a in r.annotations]
+        return {"images": images, "annotations": annotations, "categories": self.categories.to_coco()}
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: not valid JSON: {error}") from None
+
+
+def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[CocoData | None, list[Problem]]:
+    """Parse and check a COCO file; returns the data (None when unusable) and every problem found."""
+    name = str(path)
+    raw = read_json(path)
+    problems: list[Problem] = []
+    if not isinstance(raw, dict):
+        return None, [Problem(name, "top level", f"expected a JSON object, got {type(raw).__name__}")]
+    for key in ("images", "categories") + (("annotations",) if require_annotations else ()):
+        if not isinstance(raw.get(key), list):
+            problems.append(Problem(name, key, "missing, or not a list"))
+    if problems:
+        return None, problems
+
+    categories = _check_categories(name, raw["categories"], problems)
+    images = _check_images(name, raw["images"], problems)
+    by_id = {r.image_id: r for r in images}
+    _check_annotations(name, raw.get("annotations") or [], by_id, set(categories), problems)
+    if any(p.severity == ERROR for p in problems):
+        return None, problems
+    category_map = CategoryMap.from_categories(list(categories.values()))
+    return CocoData(name, images, category_map, problems), problems
+
+
+def load_coco(path: str | Path, require_annotations: bool = True) -> CocoData:
+    """Load a COCO file or raise DatasetError listing every error (warnings are kept on the result)."""
+    data, problems = inspect_coco(path, require_annotations)
+    if data is None:
+        raise DatasetError(format_problems(problems, f"{path} cannot be used"))
+    return data
+
+
+def format_problems(problems: list[Problem], headline: str, limit: int = 30) -> str:
+    errors = [p for p in problems if p.severity == ERROR] or problems
+    lines = [f"{headline}: {len(errors)} problem(s)"] + [f"  - {p}" for p in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more (run `tinyseg check-data` for the full list)")
+    return "\n".join(lines)
+
+
+def _check_categories(name: str, entries: list, problems: list[Problem]) -> dict[int, dict]:
+    categories: dict[int, dict] = {}
+    for index, entry in enumerate(entries):
+        where = f"categories[{index}]"
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            problems.append(Problem(name, where, "needs an integer 'id'"))
+            continue
+        if entry["id"] in categories:
+            problems.append(Problem(name, f"{where} id={entry['id']}", "duplicate category id"))
+        categories[int(entry["id"])] = entry
+    if not categories and not problems:
+        problems.append(Problem(name, "categories", "no categories defined"))
+    return categories
+
+
+def _check_images(name: str, entries: list, problems: list[Problem]) -> list[ImageRecord]:
+    records, seen = [], set()
+    for index, entry in enumerate(entries):
+        where = f"images[{index}]"
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            problems.append(Problem(name, where, "needs an integer 'id'"))
+            continue
+        where = f"{where} id={entry['id']}"
+        file_name = entry.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            problems.append(Problem(name, where, "needs a 'file_name'"))
+            continue
+        if not is_safe_relative(file_name):
+            problems.append(Problem(name, where, f"file_name '{file_name}' leaves the image folder (absolute or '..')"))
+            continue
+        height, width = entry.get("height"), entry.get("width")
+        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+            problems.append(Problem(name, where, f"needs positive integer height and width, got {height}x{width}"))
+            continue
+        if entry["id"] in seen:
+            problems.append(Problem(name, where, "duplicate image id"))
+            continue
+        seen.add(entry["id"])
+        records.append(ImageRecord(int(entry["id"]), file_name, int(height), int(width)))
+    return records
+
+
+def _check_annotations(name: str, entries: list, images: dict[int, ImageRecord], category_ids: set[int],
+                       problems: list[Problem]) -> None:
+    seen_ids = set()
+    for index, entry in enumerate(entries):
+        where = f"annotations[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(Problem(name, where, "not an object"))
+            continue
+        if "id" in entry:
+            where = f"{where} id={entry['id']}"
+            if entry["id"] in seen_ids:
+                problems.append(Problem(name, where, "duplicate annotation id"))
+                continue
+            seen_ids.add(entry["id"])
+        record = images.get(entry.get("image_id"))
+        if record is None:
+            problems.append(Problem(name, where, f"refers to unknown image_id {entry.get('image_id')!r}"))
+            continue
+        if entry.get("category_id") not in category_ids:
+            problems.append(Problem(name, where, f"unknown category_id {entry.get('category_id')!r}"))
+            continue
+        clean = _check_annotation(name, where, entry, record, problems)
+        if clean is not None:
+            record.annotations.append(clean)
+
+
+def _check_annotation(name: str, where: str, entry: dict, record: ImageRecord, problems: list[Problem]) -> dict | None:
+    segmentation = entry.get("segmentation")
+    message = _segmentation_problem(segmentation, record)
+    if message == "empty":
+        problems.append(Problem(name, where, "empty segmentation; annotation skipped", WARNING))
+        return None
+    if message:
+        problems.append(Problem(name, where, message))
+        return None
+    bbox = entry.get("bbox")
+    if bbox is not None:
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite(v) for v in bbox)):
+            problems.append(Problem(name, where, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"))
+            return None
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            problems.append(Problem(name, where, f"zero-size or negative box {bbox} (w and h must be > 0)"))
+            return None
+        x, y, w, h = bbox
+        if x < -1 or y < -1 or x + w > record.width + 1 or y + h > record.height + 1:
+            problems.append(Problem(name, where, f"box {bbox} lies partly outside the {record.width}x{record.height}"
+                                    " image; clipped (boxes are recomputed from the masks)", WARNING))
+    clean = dict(entry)
+    clean["iscrowd"] = int(bool(entry.get("iscrowd", 0)))
+    clean.setdefault("id", None)
+    return clean
+
+
+def _segmentation_problem(segmentation: Any, record: ImageRecord) -> str | None:
+    if segmentation is None or segmentation == [] or segmentation == {}:
+        return "empty"
+    if isinstance(segmentation, list):
+        for part_index, part in enumerate(segmentation):
+            if not isinstance(part, list) or not all(isinstance(v, (int, float)) for v in part):
+                return f"polygon part {part_index} is not a list of numbers"
+            if not all(math.isfinite(v) for v in part):
+                return f"polygon part {part_index} has NaN or infinite coordinates"
+            if len(part) % 2:
+                return f"polygon part {part_index} has an odd number of coordinates ({len(part)})"
+            if len(part) < 6:
+                return f"polygon part {part_index} has fewer than 3 points ({len(part) // 2})"
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2) or not isinstance(counts, (str, list)):
+            return "RLE needs 'size' [h, w] and 'counts'"
+        if list(size) != [record.height, record.width]:
+            return f"RLE size {size} differs from the image's [height, width] [{record.height}, {record.width}]"
+        if isinstance(counts, list) and sum(counts) != record.height * record.width:
+            return f"uncompressed RLE counts sum to {sum(counts)}, not h*w = {record.height * record.width}"
+        return None
+    return f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
+
+
+def is_safe_relative(file_name: str) -> bool:
+    path = Path(file_name)
+    return not path.is_absolute() and ".." not in path.parts and not file_name.startswith(("/", "\\"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
+    """One compressed RLE for a polygon list (parts merged), an uncompressed RLE or a compressed one."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
+    """(N, H, W) uint8 masks from compressed RLEs, decoded in one pycocotools call."""
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))

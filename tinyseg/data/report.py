@@ -1,0 +1,42 @@
+"""`tinyseg check-data`: the dataset's statistics and every problem, without training."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .coco import ERROR, inspect_coco
+from .images import check_images
+
+
+def check_dataset(json_path: str, image_dir: str, max_pixels: int) -> tuple[str, bool]:
+    """(report text, usable): usable means no error-level problem (warnings are recoveries)."""
+    data, problems = inspect_coco(json_path, require_annotations=False)
+    lines = [f"dataset {json_path} with images in {image_dir}"]
+    if data is not None:
+        problems = problems + check_images(image_dir, data.images, json_path, max_pixels)
+        lines += _statistics(data)
+    errors = [p for p in problems if p.severity == ERROR]
+    warnings = [p for p in problems if p.severity != ERROR]
+    lines.append(f"problems: {len(errors)} error(s), {len(warnings)} warning(s)")
+    lines += [f"  ERROR   {p}" for p in errors] + [f"  WARNING {p}" for p in warnings]
+    usable = not errors
+    lines.append("usable for training" if usable else "NOT usable: fix the errors above")
+    return "\n".join(lines), usable
+
+
+def _statistics(data) -> list[str]:
+    per_class = Counter(a["category_id"] for r in data.images for a in r.annotations)
+    per_image = np.array([len(r.annotations) for r in data.images] or [0])
+    sizes = Counter(f"{r.width}x{r.height}" for r in data.images)
+    crowd = sum(a.get("iscrowd", 0) for r in data.images for a in r.annotations)
+    empty = sum(1 for r in data.images if not r.annotations)
+    lines = [f"images: {len(data.images)} ({empty} without annotations)",
+             f"instances: {int(per_image.sum())} ({crowd} crowd)",
+             f"instances per image: min {per_image.min()}, median {np.median(per_image):.0f}, max {per_image.max()}",
+             f"image sizes: {len(sizes)} distinct; most common " + ", ".join(f"{s} ({n})" for s, n in sizes.most_common(3)),
+             "instances per class:"]
+    for category_id, name in zip(data.categories.category_ids, data.categories.names):
+        lines.append(f"  {category_id:>5d} {name:<20s} {per_class.get(category_id, 0)}")
+    return lines

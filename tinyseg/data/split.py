@@ -1,0 +1,72 @@
+"""Train/val split by image, seeded, with duplicate images kept on the same side.
+
+The reference solution's validation leaked: the same picture sat in train and val under two ids.
+Here images whose bytes are equal, or whose small grayscale thumbnails hash equal (re-encoded or
+resized copies), form one group, and whole groups go to one side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .coco import ImageRecord
+from .images import image_path, load_rgb
+
+
+def content_keys(image_dir: str | Path, record: ImageRecord) -> list[str]:
+    path = image_path(image_dir, record.file_name)
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    return [f"bytes:{digest}", f"dhash:{difference_hash(load_rgb(path))}"]
+
+
+def difference_hash(image: Image.Image, size: int = 16) -> str:
+    small = np.asarray(image.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return np.packbits(bits).tobytes().hex()
+
+
+def duplicate_groups(image_dir: str | Path, records: list[ImageRecord]) -> list[list[int]]:
+    """Indices of records grouped so that duplicates share a group (union-find over content keys)."""
+    parent = list(range(len(records)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for index, record in enumerate(records):
+        for key in content_keys(image_dir, record) + [f"name:{record.file_name}"]:
+            if key in owner:
+                parent[find(index)] = find(owner[key])
+            else:
+                owner[key] = index
+    groups: dict[int, list[int]] = {}
+    for index in range(len(records)):
+        groups.setdefault(find(index), []).append(index)
+    return list(groups.values())
+
+
+def split_records(image_dir: str | Path, records: list[ImageRecord], val_fraction: float,
+                  seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, val), reproducible for a seed; no image, nor any duplicate of it, is on both sides."""
+    if val_fraction <= 0:
+        return list(records), []
+    groups = sorted(duplicate_groups(image_dir, records), key=lambda g: records[g[0]].image_id)
+    random.Random(seed).shuffle(groups)
+    wanted = max(1, round(val_fraction * len(records)))
+    val_indices: list[int] = []
+    for group in groups:
+        if len(val_indices) >= wanted:
+            break
+        val_indices.extend(group)
+    chosen = set(val_indices)
+    train = [r for i, r in enumerate(records) if i not in chosen]
+    val = [r for i, r in enumerate(records) if i in chosen]
+    return train, val

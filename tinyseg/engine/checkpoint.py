@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically (temp file, fsync, rename) and read back with weights_only=True."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..data.coco import CategoryMap
+
+FORMAT = "tinyseg-checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through a temporary file in the same folder, fsync it, then rename over the target.
+
+    A crash at any point leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    try:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:  # some filesystems do not allow fsync on folders
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda out: out.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    from .. import __version__
+
+    state = {"format": FORMAT, "tinyseg_version": __version__, **state}
+    atomic_write(path, lambda out: torch.save(state, out))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a tinyseg checkpoint safely; pickled code, truncation and foreign files get clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused: it carries pickled objects that are not plain tensors and"
+                              f" values (weights_only=True would have to execute code): {str(error)[:300]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path}: cannot be read; the file is truncated or corrupt ({error})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tinyseg checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def checkpoint_categories(state: dict[str, Any]) -> CategoryMap:
+    return CategoryMap.from_dict(state["categories"])
+
+
+def check_same_categories(state: dict[str, Any], categories: CategoryMap, path: str | Path, data_name: str) -> None:
+    saved = checkpoint_categories(state)
+    if saved.category_ids != categories.category_ids or saved.names != categories.names:
+        raise CheckpointError(
+            f"{path} was trained on a different class set than {data_name}:\n"
+            f"  checkpoint: {list(zip(saved.category_ids, saved.names))}\n"
+            f"  data:       {list(zip(categories.category_ids, categories.names))}")

@@ -1,0 +1,324 @@
+"""The training run: checked data, model, optimizer, the loop, checkpoints every epoch, evaluation, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.build import TrainingData, build_training_data
+from ..data.dataset import ImageListDataset, InstanceDataset, collate
+from ..data.presets import train_transforms
+from ..data.samplers import TrainBatchSampler, repeat_factors
+from ..evaluation.coco_eval import evaluate_detections
+from ..inference.predictor import predict_images
+from ..model import build_model, set_inference_options, set_precision
+from . import distributed as dist
+from .checkpoint import atomic_write_text, check_same_categories, load_checkpoint, save_checkpoint
+from .logger import SHORT_NAMES, MetricsLogger, memory_mb
+from .optim import ModelEma, build_optimizer, build_scheduler
+from .precision import resolve_amp, resolve_device
+
+log = logging.getLogger("tinyseg")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        dist.init(self.device.type)
+        if self.device.type == "cuda" and dist.world_size() > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.run_dir = Path(cfg.train.output_dir)
+        self.main = dist.is_main()
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.data: TrainingData = build_training_data(cfg)  # every check before the first step
+        self._build_model()
+        self._build_loader()
+        self._build_solver()
+        self.epoch, self.iteration, self.epoch_step = 0, 0, 0
+        self.best: dict[str, Any] = {"segm_AP50": -1.0}
+        if resume:
+            self._resume()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        c = self.cfg
+        self.model = build_model(c.model, self.data.categories.num_classes, c.input.test_min_size,
+                                 c.input.test_max_size, c.predict.score_thresh, c.predict.max_detections,
+                                 c.predict.nms_thresh)
+        if c.model.norm == "syncbn" and dist.world_size() > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        self.amp_dtype = resolve_amp(c.train.amp, self.device)
+        set_precision(self.model, self.amp_dtype, c.train.channels_last)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ddp = None
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.ema = ModelEma(self.model, c.solver.ema_decay) if c.solver.ema else None
+
+    def _build_loader(self) -> None:
+        c = self.cfg
+        self.dataset = InstanceDataset(self.data.train_records, self.data.train_image_dir, self.data.categories,
+                                       train_transforms(c.input), c.input.copies, c.input.flipped_copies,
+                                       c.data.max_image_pixels)
+        factors = None
+        if c.input.repeat_threshold > 0:
+            labels = [[a["category_id"] for a in self.dataset.instances(r)] for r in self.data.train_records]
+            factors = repeat_factors(labels * self.dataset.copies, c.input.repeat_threshold)
+        self.sampler = TrainBatchSampler(self.dataset.aspect_ratios(), c.solver.batch_size, c.train.seed,
+                                         dist.rank(), dist.world_size(), c.input.aspect_ratio_grouping, factors)
+        if len(self.sampler) == 0:
+            raise ValueError(f"{len(self.dataset)} training images are fewer than batch_size x world size"
+                             f" ({c.solver.batch_size} x {dist.world_size()})")
+        workers = c.data.num_workers
+        self.loader_generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=False, generator=self.loader_generator)
+
+    def _build_solver(self) -> None:
+        s = self.cfg.solver
+        self.steps_per_epoch = max(1, len(self.sampler) // s.accumulate)
+        self.total_iters = s.max_iters if s.max_iters > 0 else s.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, s)
+        self.scheduler = build_scheduler(self.optimizer, s, self.total_iters, self.steps_per_epoch)
+
+    def _resume(self) -> None:
+        path = self.run_dir / "last.pt"
+        state = load_checkpoint(path)
+        check_same_categories(state, self.data.categories, path, self.cfg.data.train_json)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.state = state["ema"]
+            self.ema.updates = state.get("ema_updates", 0)
+        self.epoch, self.iteration, self.epoch_step = state["epoch"], state["iteration"], state["epoch_step"]
+        self.best = state.get("best", self.best)
+        restore_rng(state["rng"])
+        if self.main:
+            log.info("resumed %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        started = time.time()
+        try:
+            while self.epoch < self.max_epochs() and self.iteration < self.total_iters:
+                finished = self._train_epoch(started)
+                if finished:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0
+                last = not finished or self.epoch >= self.max_epochs() or self.iteration >= self.total_iters
+                every = self.cfg.train.eval_every
+                metrics = self.evaluate() if (last or (every and self.epoch % every == 0)) else None
+                self._save(metrics)
+                if not finished:
+                    break
+        except KeyboardInterrupt:
+            self._save(None)
+            log.warning("interrupted: saved a resumable checkpoint to %s (continue with --resume)",
+                        self.run_dir / "last.pt")
+            raise
+        finally:
+            self.logger.close()
+        return {"best": self.best, "epochs": self.epoch, "iterations": self.iteration,
+                "run_dir": str(self.run_dir), "seconds": time.time() - started}
+
+    def max_epochs(self) -> int:
+        if self.cfg.solver.max_iters > 0:
+            return math.ceil(self.cfg.solver.max_iters / self.steps_per_epoch)
+        return self.cfg.solver.epochs
+
+    def _time_is_up(self, started: float) -> bool:
+        limit = self.cfg.train.max_time_min
+        over = limit > 0 and time.time() - started > limit * 60
+        if dist.world_size() > 1:  # every rank must stop on the same step
+            over = dist.reduce_mean({"over": float(over)}, self._reduce_device())["over"] > 0
+        return over
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _train_epoch(self, started: float) -> bool:
+        """One epoch (or the rest of it, after a mid-epoch resume); False when stopped early."""
+        c = self.cfg
+        self.model.train()
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip_batches = self.epoch_step
+        # Augmentation draws depend on (seed, epoch) only, so a resumed run repeats them exactly.
+        torch.manual_seed(c.train.seed * 1000 + self.epoch)
+        self.loader_generator.manual_seed(c.train.seed * 1000 + self.epoch)
+        network = self.ddp or self.model
+        accumulate = c.solver.accumulate
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
+                   initial=self.epoch_step, total=len(self.sampler), dynamic_ncols=True)
+        for images, targets in bar:
+            images = [image.to(self.device, non_blocking=True) for image in images]
+            targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            self.epoch_step += 1
+            stepping = self.epoch_step % accumulate == 0
+            sync = nullcontext() if (stepping or self.ddp is None) else self.ddp.no_sync()
+            with sync:
+                losses = network(images, targets)
+                loss = sum(losses.values())
+                if not self._loss_is_finite(loss, losses):
+                    continue
+                self.scaler.scale(loss / accumulate).backward()
+            if stepping:
+                self._optimizer_step()
+                self._log_step(bar, losses)
+            if self.iteration >= self.total_iters or (stepping and self._time_is_up(started)):
+                return self.iteration >= self.total_iters and self.epoch_step >= len(self.sampler)
+        return True
+
+    def _loss_is_finite(self, loss: torch.Tensor, losses: dict) -> bool:
+        finite = bool(torch.isfinite(loss))
+        if dist.world_size() > 1:
+            finite = dist.reduce_mean({"ok": float(finite)}, self._reduce_device())["ok"] == 1.0
+        if finite:
+            return True
+        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        if self.cfg.train.nonfinite_loss == "skip":
+            log.warning("non-finite loss at iteration %d (%s): step skipped", self.iteration, detail)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.epoch + 1}, iteration {self.iteration} ({detail}). The last good"
+            f" checkpoint {self.run_dir / 'last.pt'} is untouched. Lower solver.lr, raise solver.warmup_iters,"
+            f" set solver.clip_grad_norm, or train.nonfinite_loss=skip.")
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.solver.clip_grad_norm
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.iteration += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _log_step(self, bar: tqdm, losses: dict) -> None:
+        values = {k: v.item() for k, v in losses.items()}
+        values["loss"] = sum(values.values())
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.main:
+            bar.set_postfix({"loss": f"{values['loss']:.3f}",
+                             **{SHORT_NAMES.get(k, k): f"{v:.3f}" for k, v in values.items() if k != "loss"},
+                             "lr": f"{lr:.2e}", "mem": f"{memory_mb(self.device):.0f}M"}, refresh=False)
+        if self.iteration % self.cfg.train.log_every == 0 or self.iteration == 1:
+            values = dist.reduce_mean(values, self._reduce_device())
+            self.logger.log({"kind": "train", "epoch": self.epoch + 1, "iteration": self.iteration,
+                             "lr": lr, **values, "memory_mb": memory_mb(self.device), "time": time.time()})
+
+    # -- evaluation and checkpoints -----------------------------------------------------------
+    def evaluation_weights(self) -> dict:
+        return self.ema.state if self.ema is not None else self.model.state_dict()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.data.val_records:
+            return None
+        raw = None
+        if self.ema is not None:
+            raw = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.ema.state)
+        metrics = evaluate_model(self.model, self.data, self.cfg, self.device)
+        if raw is not None:
+            self.model.load_state_dict(raw)
+        if metrics is not None and self.main:
+            self.logger.log({"kind": "val", "epoch": self.epoch, "iteration": self.iteration, **metrics})
+            log.info("epoch %d: segm AP50 %.4f AP %.4f | bbox AP50 %.4f", self.epoch, metrics["segm_AP50"],
+                     metrics["segm_AP"], metrics["bbox_AP50"])
+        return metrics
+
+    def _save(self, metrics: dict[str, Any] | None) -> None:
+        improved = metrics is not None and metrics["segm_AP50"] > self.best["segm_AP50"]
+        if improved:
+            self.best = {"epoch": self.epoch, "iteration": self.iteration, **metrics}
+        if not self.main:
+            return
+        state = {
+            "model": self.model.state_dict(), "ema": self.ema.state if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+            "epoch_step": self.epoch_step, "rng": rng_state(), "config": self.cfg.to_dict(),
+            "categories": self.data.categories.to_dict(), "best": self.best, "metrics": metrics,
+        }
+        save_checkpoint(self.run_dir / "last.pt", state)
+        no_val = not self.data.val_records
+        if improved or no_val or not (self.run_dir / "best.pt").exists():
+            save_checkpoint(self.run_dir / "best.pt", state)
+
+
+def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, device: torch.device) -> dict | None:
+    """COCO AP on the val records; each rank predicts its shard, rank 0 scores the gathered results."""
+    p = cfg.predict
+    set_inference_options(model, cfg.input.test_min_size, cfg.input.test_max_size, p.score_thresh,
+                          p.max_detections, p.nms_thresh)
+    dataset = ImageListDataset([(r.image_id, r.file_name) for r in data.val_records], data.val_image_dir,
+                               cfg.data.max_image_pixels)
+    shard = list(range(dist.rank(), len(dataset), dist.world_size()))
+    found = predict_images(model, dataset, data.categories, device, p.mask_thresh, p.batch_size,
+                           indices=shard, progress=dist.is_main())
+    gathered = dist.all_gather_objects(found.results)
+    if not dist.is_main():
+        return None
+    results = evaluate_detections(data.val_gt, [r for part in gathered for r in part])
+    return {f"{kind}_{name}": value for kind in ("segm", "bbox") for name, value in results[kind]["stats"].items()}
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train as `tinyseg train` does; returns the best metrics and where the run lives."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        dist.shutdown()

@@ -1,0 +1,102 @@
+"""Run a model over images and turn its outputs into COCO results with the file's category ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import Config, PredictConfig, config_from_dict
+from ..data.coco import CategoryMap
+from ..data.dataset import ImageListDataset, collate
+from ..engine.checkpoint import checkpoint_categories, load_checkpoint
+from ..engine.precision import resolve_amp, resolve_device
+from ..model import build_model, set_inference_options, set_precision
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    categories: CategoryMap
+    config: Config
+    device: torch.device
+
+
+def load_model(checkpoint: str, device: str = "auto", predict: PredictConfig | None = None,
+               amp: str | None = None) -> LoadedModel:
+    """A model ready for inference from a tinyseg checkpoint (EMA weights when the run kept them)."""
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    if predict is not None:
+        config.predict = predict
+    categories = checkpoint_categories(state)
+    config.model.init = "none"  # the checkpoint holds every weight; never download here
+    model = build_model(config.model, categories.num_classes)
+    model.load_state_dict(state.get("ema") or state["model"])
+    target = resolve_device(device)
+    model.to(target).eval()
+    p = config.predict
+    set_inference_options(model, config.input.test_min_size, config.input.test_max_size,
+                          p.score_thresh, p.max_detections, p.nms_thresh)
+    set_precision(model, resolve_amp(amp or config.train.amp, target), config.train.channels_last)
+    return LoadedModel(model, categories, config, target)
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Compressed RLEs for (N, H, W) binary masks in one pycocotools call on a Fortran-ordered array."""
+    from pycocotools import mask as mask_utils
+
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def to_coco_results(output: dict, image_id: int, categories: CategoryMap, mask_thresh: float) -> list[dict]:
+    masks = (output["masks"][:, 0] >= mask_thresh).cpu().numpy()
+    boxes = output["boxes"].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    results = []
+    for rle, box, score, label in zip(encode_masks(masks), boxes.tolist(), output["scores"].tolist(),
+                                      output["labels"].tolist()):
+        results.append({"image_id": int(image_id), "score": round(float(score), 5),
+                        "category_id": categories.label_to_category(label),
+                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+                        "bbox": [round(v, 2) for v in box]})
+    return results
+
+
+@dataclass
+class Predictions:
+    results: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, dataset: ImageListDataset, categories: CategoryMap, device: torch.device,
+                   mask_thresh: float, batch_size: int = 2, num_workers: int = 0, indices: list[int] | None = None,
+                   progress: bool = True) -> Predictions:
+    """Detections for the dataset's images (or a subset); unreadable images are reported, not fatal."""
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    found = Predictions()
+    for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
+        found.errors += [meta["error"] for meta in metas if meta["error"]]
+        if not readable:
+            continue
+        batch = [image.to(device, non_blocking=True).float().div_(255) for image, _ in readable]
+        for output, (_, meta) in zip(model(batch), readable):
+            found.results += to_coco_results(output, meta["image_id"], categories, mask_thresh)
+            found.image_ids.append(meta["image_id"])
+    model.train(was_training)
+    return found

@@ -1,0 +1,78 @@
+"""The predict and evaluate jobs: checkpoint + images -> submission file, and scoring against ground truth."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PredictConfig
+from ..data.coco import load_coco
+from ..data.dataset import ImageListDataset
+from ..engine import distributed as dist
+from ..engine.checkpoint import check_same_categories, load_checkpoint
+from ..evaluation.coco_eval import evaluate_detections
+from .predictor import Predictions, load_model, predict_images
+from .submission import write_json, write_submission
+
+log = logging.getLogger("tinyseg")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class PredictJob:
+    checkpoint: str
+    image_dir: str
+    output: str
+    images_json: str = ""
+    device: str = "auto"
+    predict: PredictConfig | None = None
+    num_workers: int = 2
+    progress: bool = True
+
+
+def image_entries(image_dir: str, images_json: str, checkpoint_state: dict) -> list[tuple[int, str]]:
+    """(image_id, file_name) pairs: from the images JSON, or every image in the folder numbered 1..N."""
+    if images_json:
+        data = load_coco(images_json, require_annotations=False)
+        if data.categories.category_ids:
+            check_same_categories(checkpoint_state, data.categories, "checkpoint", images_json)
+        return [(r.image_id, r.file_name) for r in data.images]
+    files = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {image_dir}")
+    return list(enumerate(files, start=1))
+
+
+def run_predict(job: PredictJob) -> Predictions:
+    """Predict every image and write the submission atomically; unreadable images are listed in .errors."""
+    state = load_checkpoint(job.checkpoint)
+    entries = image_entries(job.image_dir, job.images_json, state)
+    loaded = load_model(job.checkpoint, job.device, job.predict)
+    dist.init(loaded.device.type)
+    p = loaded.config.predict
+    dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
+    shard = list(range(dist.rank(), len(dataset), dist.world_size()))
+    found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, p.mask_thresh, p.batch_size,
+                           job.num_workers, indices=shard, progress=job.progress and dist.is_main())
+    parts = dist.all_gather_objects(found)
+    merged = Predictions([r for part in parts for r in part.results], [e for part in parts for e in part.errors],
+                         [i for part in parts for i in part.image_ids])
+    if dist.is_main():
+        count = write_submission(job.output, merged.results)
+        if not job.images_json:
+            images = [{"id": i, "file_name": name} for i, name in entries]
+            write_json(Path(job.output).with_suffix(".images.json"), {"images": images})
+        log.info("wrote %d detections for %d images to %s", count, len(merged.image_ids), job.output)
+    return merged
+
+
+def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[str, ...]) -> dict:
+    from ..data.coco import read_json
+
+    gt = load_coco(gt_json)  # checked like training data, so a bad ground truth names its entry
+    if isinstance(detections, str):
+        detections = read_json(detections)
+        if not isinstance(detections, list):
+            raise ValueError(f"detections file must hold a JSON list of results")
+    return evaluate_detections(gt.to_coco_dict(), detections, iou_types)

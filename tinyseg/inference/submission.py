@@ -1,0 +1,85 @@
+"""The submission file: write it atomically in the exact homework format, and check one against test.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..engine.checkpoint import atomic_write_text
+
+SUBMISSION_KEYS = ("image_id", "score", "category_id", "segmentation")
+
+
+def submission_entries(results: list[dict]) -> list[dict]:
+    """Only the four fields of the format, in a stable order (best score first per image)."""
+    ordered = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
+    return [{key: r[key] for key in SUBMISSION_KEYS} for r in ordered]
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, separators=(",", ":")))
+
+
+def write_submission(path: str | Path, results: list[dict]) -> int:
+    entries = submission_entries(results)
+    write_json(path, entries)
+    return len(entries)
+
+
+def validate_submission(submission_path: str | Path, images_json: str | Path,
+                        categories_json: str | Path | None = None, limit: int = 50) -> list[str]:
+    """Every problem found (empty when valid): schema, types, ids, and RLEs that decode to the image's size."""
+    from pycocotools import mask as mask_utils
+
+    from ..data.coco import DatasetError, read_json
+
+    try:
+        submission = read_json(submission_path)
+        reference = read_json(images_json)
+        category_source = read_json(categories_json) if categories_json else reference
+    except DatasetError as error:
+        return [str(error)]
+    if not isinstance(submission, list):
+        return [f"{submission_path}: the top level must be a JSON list, got {type(submission).__name__}"]
+    images = {image["id"]: image for image in reference.get("images", []) if isinstance(image, dict)}
+    category_ids = {c["id"] for c in category_source.get("categories", []) if isinstance(c, dict)}
+    problems: list[str] = []
+    for index, entry in enumerate(submission):
+        problems += [f"entry {index}: {p}" for p in _entry_problems(entry, images, category_ids, mask_utils)]
+        if len(problems) >= limit:
+            problems.append(f"... stopped after {limit} problems")
+            break
+    return problems
+
+
+def _entry_problems(entry: Any, images: dict, category_ids: set, mask_utils) -> list[str]:
+    if not isinstance(entry, dict):
+        return [f"not an object: {entry!r:.60}"]
+    missing = [k for k in SUBMISSION_KEYS if k not in entry]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    problems = []
+    image = images.get(entry["image_id"]) if isinstance(entry["image_id"], int) else None
+    if image is None:
+        problems.append(f"image_id {entry['image_id']!r} is not in the images file")
+    if not isinstance(entry["category_id"], int) or (category_ids and entry["category_id"] not in category_ids):
+        problems.append(f"category_id {entry['category_id']!r} is not a known category")
+    score = entry["score"]
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        problems.append(f"score {score!r} is not a finite number")
+    segmentation = entry["segmentation"]
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str)
+            and isinstance(segmentation.get("size"), list) and len(segmentation["size"]) == 2):
+        return problems + ["segmentation must be {'size': [h, w], 'counts': str} (compressed RLE)"]
+    if image is not None and segmentation["size"] != [image["height"], image["width"]]:
+        problems.append(f"RLE size {segmentation['size']} differs from image {entry['image_id']}'s"
+                        f" [{image['height']}, {image['width']}]")
+    try:
+        decoded = mask_utils.decode({"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")})
+        if list(decoded.shape) != list(segmentation["size"]):
+            problems.append(f"RLE decodes to {list(decoded.shape)}, not {segmentation['size']}")
+    except Exception as error:  # pycocotools raises plain Exceptions on bad counts
+        problems.append(f"RLE counts do not decode ({error})")
+    return problems

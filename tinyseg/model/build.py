@@ -1,0 +1,164 @@
+"""Mask R-CNN + FPN on a torchvision ResNet/ResNeXt trunk, initialised from ImageNet, a file, or nothing."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import misc as misc_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..config import ModelConfig
+from .weights import load_trunk_weights
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
+
+
+def resolve_norm(cfg: ModelConfig) -> str:
+    if cfg.norm != "auto":
+        return cfg.norm
+    # Frozen statistics only make sense when they came from pretraining; from scratch the
+    # normalisation has to learn, and GroupNorm does so at batch size 2 (He et al., 2019).
+    return "gn" if cfg.init == "none" else "frozen_bn"
+
+
+def norm_factory(norm: str):
+    if norm == "frozen_bn":
+        return misc_ops.FrozenBatchNorm2d
+    if norm in ("bn", "syncbn"):
+        return nn.BatchNorm2d  # syncbn: converted once the process group exists (engine/distributed.py)
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"unknown norm '{norm}'")
+
+
+class AmpBackboneWithFPN(BackboneWithFPN):
+    """The trunk and FPN under autocast, features handed on in fp32.
+
+    The heads decode boxes and compute losses: in bf16 a 512 px coordinate is off by up to 2 px and
+    exp() of box deltas overflows sooner, which is how from-scratch bf16 runs reached NaN losses. So
+    only the convolution-heavy backbone runs in low precision.
+    """
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.amp_dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+            features = super().forward(x)
+        return OrderedDict((name, f.float().contiguous()) for name, f in features.items())
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's normalise/batch/postprocess, but no resize in training: the data presets size the images."""
+
+    def resize(self, image, target=None):
+        if self.training:
+            return image, target
+        return super().resize(image, target)
+
+
+def build_backbone(cfg: ModelConfig) -> AmpBackboneWithFPN:
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
+    import torchvision
+
+    norm = resolve_norm(cfg)
+    trunk = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_factory(norm))
+    pretrained = cfg.init != "none"
+    if pretrained:
+        load_trunk_weights(trunk, cfg.backbone, cfg.init)
+    trainable = max(0, min(5, cfg.trainable_layers)) if pretrained else 5
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
+    if trainable == 5:
+        stages.append("bn1")
+    for name, parameter in trunk.named_parameters():
+        if all(not name.startswith(stage) for stage in stages):
+            parameter.requires_grad_(False)
+    stage_channels = trunk.inplanes // 8  # 64 for BasicBlock trunks, 256 for Bottleneck ones
+    backbone = AmpBackboneWithFPN(
+        trunk,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[stage_channels * 2**i for i in range(4)],
+        out_channels=cfg.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=None if norm == "frozen_bn" else norm_factory(norm),
+    )
+    return backbone
+
+
+class DropoutMLPHead(nn.Module):
+    """torchvision's TwoMLPHead with optional dropout after each hidden layer."""
+
+    def __init__(self, in_channels: int, representation: int, dropout: float):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation)
+        self.fc7 = nn.Linear(representation, representation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(torch.relu(self.fc6(x.flatten(start_dim=1))))
+        return self.dropout(torch.relu(self.fc7(x)))
+
+
+def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, test_max_size: int = 1333,
+                score_thresh: float = 0.05, max_detections: int = 100, nms_thresh: float = 0.5) -> MaskRCNN:
+    """A Mask R-CNN whose class count (background included) comes from the data."""
+    backbone = build_backbone(cfg)
+    channels = cfg.fpn_channels
+    norm = resolve_norm(cfg)
+    head_norm = None if norm == "frozen_bn" else norm_factory(norm)
+    mask_layers = [channels] * 4
+    mask_head: nn.Module = MaskRCNNHeads(channels, mask_layers, 1, norm_layer=head_norm)
+    if cfg.mask_head_dropout > 0:
+        mask_head = nn.Sequential(OrderedDict(heads=mask_head, dropout=nn.Dropout2d(cfg.mask_head_dropout)))
+    resolution = 7
+    anchors = AnchorGenerator(tuple((s,) for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_head=DropoutMLPHead(channels * resolution**2, cfg.box_head_dim, cfg.box_head_dropout),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes),
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=score_thresh,
+        box_nms_thresh=nms_thresh,
+        box_detections_per_img=max_detections,
+    )
+    model.transform = DetectionTransform(test_min_size, test_max_size, model.transform.image_mean,
+                                         model.transform.image_std)
+    return model
+
+
+def set_inference_options(model: MaskRCNN, min_size: int, max_size: int, score_thresh: float,
+                          max_detections: int, nms_thresh: float) -> None:
+    model.transform.min_size = (min_size,)
+    model.transform.max_size = max_size
+    model.roi_heads.score_thresh = score_thresh
+    model.roi_heads.detections_per_img = max_detections
+    model.roi_heads.nms_thresh = nms_thresh
+
+
+def set_precision(model: MaskRCNN, amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+    model.backbone.amp_dtype = amp_dtype
+    model.backbone.channels_last = channels_last
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+
