@@ -21,7 +21,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .model.weights import BackboneWeightsError
 
     return (ConfigError, DatasetError, CheckpointError, BackboneWeightsError, NonFiniteLossError,
-            FileNotFoundError, ValueError)
+            FileNotFoundError, UsageError)
+
+
+class UsageError(ValueError):
+    """Arguments that do not go together."""
 
 
 def run_verb(args: argparse.Namespace) -> int:
@@ -93,11 +97,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
     if bool(args.detections) == bool(args.checkpoint):
-        raise ValueError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
+        raise UsageError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
     detections = args.detections
     if args.checkpoint:
         if not args.image_dir:
-            raise ValueError("--checkpoint needs --image-dir")
+            raise UsageError("--checkpoint needs --image-dir")
         out = Path(args.output or "evaluation.json")
         job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
                          args.device, _predict_config(args, args.checkpoint), args.workers)
@@ -130,13 +134,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.detections:
         source = args.images_json or args.gt
         if not source:
-            raise ValueError("--detections needs --images-json (or --gt) for the image list")
+            raise UsageError("--detections needs --images-json (or --gt) for the image list")
         images = read_json(source)["images"]
         instances = read_json(args.detections)
         categories = read_json(args.categories_json or source).get("categories", [])
     else:
         if not args.gt:
-            raise ValueError("give --gt to draw ground truth, or --detections with --images-json")
+            raise UsageError("give --gt to draw ground truth, or --detections with --images-json")
         data = load_coco(args.gt)
         full = data.to_coco_dict()
         images, instances, categories = full["images"], full["annotations"], full["categories"]

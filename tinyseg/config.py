@@ -33,6 +33,9 @@ class DataConfig:
     train_negatives: bool = False  # keep images without annotations in training, as negatives
     num_workers: int = 2
     max_image_pixels: int = 40_000_000  # larger images are refused with a clear error
+    # Evaluate on images that are also trained on: only to measure how well a model fits its own
+    # training set, never for a number you report. Off, a val set that shares images is refused.
+    allow_val_overlap: bool = False
 
 
 @dataclass
@@ -236,6 +239,11 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         return "" if value is None else str(value)
     raise ConfigError(f"{source}: '{name}' expects {getattr(hint, '__name__', hint)}, got {value!r}")

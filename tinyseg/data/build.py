@@ -49,7 +49,8 @@ def build_training_data(cfg: Config) -> TrainingData:
         if val.categories.category_ids != train.categories.category_ids:
             raise DatasetError(f"{d.val_json}: categories {val.categories.category_ids} differ from"
                                f" {d.train_json}: {train.categories.category_ids}")
-        _refuse_overlap(train.images, train_dir, val.images, val_dir, d.val_json)
+        if not d.allow_val_overlap:
+            _refuse_overlap(train.images, train_dir, val.images, val_dir, d.val_json)
         train_records, val_records, gt_source = train.images, val.images, val
     else:
         val_dir = train_dir
@@ -64,17 +65,22 @@ def build_training_data(cfg: Config) -> TrainingData:
 
 def _refuse_overlap(train: list[ImageRecord], train_dir: Path, val: list[ImageRecord], val_dir: Path,
                     val_json: str) -> None:
-    """An explicit val set must not share images (same bytes or same picture) with the training set."""
-    seen = {}
-    for record in train:
-        for key in content_keys(train_dir, record):
-            seen[key] = record
-    leaks = []
-    for record in val:
-        for key in content_keys(val_dir, record):
-            if key in seen:
-                leaks.append(f"{val_json}: image id={record.image_id} ({record.file_name}) duplicates training"
-                             f" image id={seen[key].image_id} ({seen[key].file_name})")
-                break
+    """An explicit val set must not share pictures (same bytes, or a near copy) with the training set."""
+    import numpy as np
+
+    from .images import image_path, load_rgb
+    from .split import difference_hash, near_duplicate_pairs
+
+    pairs = [(r, train_dir) for r in train] + [(r, val_dir) for r in val]
+    hashes = np.stack([difference_hash(load_rgb(image_path(d, r.file_name))) for r, d in pairs])
+    digests = [content_keys(d, r)[0] for r, d in pairs]
+    exact = {}
+    for index, digest in enumerate(digests):
+        exact.setdefault(digest, []).append(index)
+    candidates = set(near_duplicate_pairs(hashes))
+    candidates |= {(a, b) for group in exact.values() for a in group for b in group if a < b}
+    leaks = sorted({(a, b - len(train)) for a, b in candidates if a < len(train) <= b})
     if leaks:
-        raise DatasetError("validation images leak from the training set:\n  " + "\n  ".join(leaks[:20]))
+        lines = [f"{val_json}: image id={val[v].image_id} ({val[v].file_name}) duplicates training image"
+                 f" id={train[t].image_id} ({train[t].file_name})" for t, v in leaks[:20]]
+        raise DatasetError("validation images leak from the training set:\n  " + "\n  ".join(lines))

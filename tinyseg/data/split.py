@@ -19,19 +19,27 @@ from .images import image_path, load_rgb
 
 
 def content_keys(image_dir: str | Path, record: ImageRecord) -> list[str]:
+    """Exact keys: the file's bytes and its name. Near copies are found by near_duplicate_pairs."""
     path = image_path(image_dir, record.file_name)
-    digest = hashlib.md5(path.read_bytes()).hexdigest()
-    return [f"bytes:{digest}", f"dhash:{difference_hash(load_rgb(path))}"]
+    return [f"bytes:{hashlib.md5(path.read_bytes()).hexdigest()}", f"name:{record.file_name}"]
 
 
-def difference_hash(image: Image.Image, size: int = 16) -> str:
-    small = np.asarray(image.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    return np.packbits(bits).tobytes().hex()
+def difference_hash(image: Image.Image, size: int = 8) -> np.ndarray:
+    """64 bits that survive re-encoding and resizing: signs of horizontal gradients of a tiny thumbnail."""
+    small = np.asarray(image.convert("L").resize((size + 1, size), Image.BOX), dtype=np.int16)
+    return (small[:, 1:] > small[:, :-1]).flatten()
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = 4) -> list[tuple[int, int]]:
+    """Index pairs whose hashes differ in at most max_distance bits (all pairs, vectorised)."""
+    bits = hashes.astype(np.int32)
+    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T
+    first, second = np.nonzero(np.triu(distance <= max_distance, k=1))
+    return list(zip(first.tolist(), second.tolist()))
 
 
 def duplicate_groups(image_dir: str | Path, records: list[ImageRecord]) -> list[list[int]]:
-    """Indices of records grouped so that duplicates share a group (union-find over content keys)."""
+    """Indices of records grouped so that duplicates share a group (union-find over exact and near keys)."""
     parent = list(range(len(records)))
 
     def find(i: int) -> int:
@@ -42,11 +50,14 @@ def duplicate_groups(image_dir: str | Path, records: list[ImageRecord]) -> list[
 
     owner: dict[str, int] = {}
     for index, record in enumerate(records):
-        for key in content_keys(image_dir, record) + [f"name:{record.file_name}"]:
+        for key in content_keys(image_dir, record):
             if key in owner:
                 parent[find(index)] = find(owner[key])
             else:
                 owner[key] = index
+    hashes = np.stack([difference_hash(load_rgb(image_path(image_dir, r.file_name))) for r in records])
+    for first, second in near_duplicate_pairs(hashes):
+        parent[find(first)] = find(second)
     groups: dict[int, list[int]] = {}
     for index in range(len(records)):
         groups.setdefault(find(index), []).append(index)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.build import TrainingData, build_training_data
+from ..data.coco import DatasetError
 from ..data.dataset import ImageListDataset, InstanceDataset, collate
 from ..data.presets import train_transforms
 from ..data.samplers import TrainBatchSampler, repeat_factors
@@ -87,7 +88,7 @@ class Trainer:
         self.sampler = TrainBatchSampler(self.dataset.aspect_ratios(), c.solver.batch_size, c.train.seed,
                                          dist.rank(), dist.world_size(), c.input.aspect_ratio_grouping, factors)
         if len(self.sampler) == 0:
-            raise ValueError(f"{len(self.dataset)} training images are fewer than batch_size x world size"
+            raise DatasetError(f"{len(self.dataset)} training images are fewer than batch_size x world size"
                              f" ({c.solver.batch_size} x {dist.world_size()})")
         workers = c.data.num_workers
         self.loader_generator = torch.Generator()

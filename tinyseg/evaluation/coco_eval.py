@@ -26,7 +26,8 @@ def evaluate_detections(gt: dict[str, Any], detections: list[dict], iou_types=IO
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(_with_areas(gt))
     for iou_type in iou_types:
-        usable = [d for d in detections if iou_type == "bbox" or "segmentation" in d]
+        # Fresh copies each pass: loadRes writes numpy boxes and areas into the dicts it is given.
+        usable = [_copy(d) for d in detections if iou_type == "bbox" or "segmentation" in d]
         if not usable:
             results[iou_type] = _empty_result(gt)
             continue
@@ -67,6 +68,13 @@ def _with_areas(gt: dict[str, Any]) -> dict[str, Any]:
         annotation.setdefault("iscrowd", 0)
         annotations.append(annotation)
     return {**gt, "annotations": annotations}
+
+
+def _copy(detection: dict) -> dict:
+    copied = dict(detection)
+    if isinstance(copied.get("segmentation"), dict):
+        copied["segmentation"] = dict(copied["segmentation"])
+    return copied
 
 
 def _with_bbox(detection: dict) -> dict:

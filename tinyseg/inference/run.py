@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PredictConfig
-from ..data.coco import load_coco
+from ..data.coco import DatasetError, load_coco
 from ..data.dataset import ImageListDataset
 from ..engine import distributed as dist
 from ..engine.checkpoint import check_same_categories, load_checkpoint
@@ -74,5 +74,5 @@ def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[st
     if isinstance(detections, str):
         detections = read_json(detections)
         if not isinstance(detections, list):
-            raise ValueError(f"detections file must hold a JSON list of results")
+            raise DatasetError(f"{detections}: a detections file must hold a JSON list of results")
     return evaluate_detections(gt.to_coco_dict(), detections, iou_types)

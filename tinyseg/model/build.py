@@ -16,7 +16,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .weights import load_trunk_weights
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
@@ -72,7 +72,7 @@ class DetectionTransform(GeneralizedRCNNTransform):
 
 def build_backbone(cfg: ModelConfig) -> AmpBackboneWithFPN:
     if cfg.backbone not in BACKBONES:
-        raise ValueError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
     import torchvision
 
     norm = resolve_norm(cfg)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny generated dataset, tiny training settings, and the ../shared data when present."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TINYSEG_SHARED", ROOT.parent / "shared")) / "datasets"
+
+# Small enough to train in seconds on 2 CPU cores, big enough to learn the shapes.
+TINY = [
+    "model.backbone=resnet18", "model.init=none", "model.fpn_channels=32", "model.box_head_dim=128",
+    "model.rpn_batch_size_per_image=64", "model.box_batch_size_per_image=32",
+    "model.rpn_post_nms_top_n_train=200", "model.rpn_post_nms_top_n_test=200",
+    "input.min_size=[96]", "input.max_size=160", "input.test_min_size=96", "input.test_max_size=160",
+    "solver.optimizer=adamw", "solver.lr=0.002", "solver.weight_decay=0.01", "solver.batch_size=2",
+    "solver.warmup_iters=10", "solver.clip_grad_norm=5.0", "data.num_workers=0", "train.log_every=1",
+    "train.amp=none", "train.channels_last=false",
+]
+
+
+def needs_shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the real data at {path} (../shared is absent on a fresh clone; CI has it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small shapes dataset with non-contiguous category ids (3, 7, 12)."""
+    from tinyseg.data.synthetic import make_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    return make_shapes_dataset(out, train_images=8, val_images=4, test_images=5, size=(96, 112),
+                               category_ids=(3, 7, 12), max_shapes=2, seed=1)
+
+
+def tiny_config(shapes, output_dir, *extra: str):
+    from tinyseg.config import load_config
+
+    return load_config(None, TINY + [f"data.train_json={shapes['train']}", f"data.image_dir={shapes['images']}",
+                                     f"data.val_json={shapes['val']}", f"train.output_dir={output_dir}", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes, tmp_path_factory):
+    """One short training, shared by the tests that need a trained checkpoint."""
+    from tinyseg.engine.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    # Train on the train images and validate on the same images: the overfitting check.
+    config = tiny_config(shapes, run_dir, f"data.val_json={shapes['train']}", "data.allow_val_overlap=true", "solver.epochs=30",
+                         "train.eval_every=0")
+    summary = train(config)
+    return {"run_dir": run_dir, "summary": summary, "shapes": shapes}
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "tinyseg", *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tinyseg {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

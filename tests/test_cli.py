@@ -1,0 +1,63 @@
+"""The CLI end to end, as a user runs it."""
+
+import json
+
+from conftest import TINY, run_cli
+
+
+def test_train_predict_validate_evaluate_visualize(shapes, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--image-dir", str(shapes["images"]),
+            "--val-json", str(shapes["val"]), "--output-dir", str(run), *TINY, "solver.epochs=2")
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert "resnet18" in (run / "config.yaml").read_text()
+
+    submission = tmp_path / "submission.json"
+    run_cli("predict", "--checkpoint", str(run / "best.pt"), "--image-dir", str(shapes["images"]),
+            "--images-json", str(shapes["test"]), "--output", str(submission), "--workers", "0")
+    result = run_cli("validate-submission", str(submission), "--images-json", str(shapes["test"]))
+    assert "valid" in result.stdout
+
+    metrics = tmp_path / "metrics.json"
+    result = run_cli("evaluate", "--gt", str(shapes["test_gt"]), "--detections", str(submission),
+                     "--output", str(metrics))
+    assert "Average Precision" in result.stdout and "category" in result.stdout
+    scores = json.loads(metrics.read_text())
+    assert set(scores) == {"segm", "bbox"} and len(scores["segm"]["summary"]) == 12
+
+    overlays = tmp_path / "overlays"
+    run_cli("visualize", "--image-dir", str(shapes["images"]), "--images-json", str(shapes["test"]),
+            "--detections", str(submission), "--output-dir", str(overlays), "--num", "3", "--score-thresh", "0")
+    assert len(list(overlays.glob("*.png"))) == 3
+
+
+def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
+    bad = tmp_path / "bad.json"
+    data = json.loads(shapes["train"].read_text())
+    data["annotations"][0]["category_id"] = 99
+    bad.write_text(json.dumps(data))
+    result = run_cli("train", "--config", "demo", "--train-json", str(bad), "--image-dir", str(shapes["images"]),
+                     "--output-dir", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2
+    assert "unknown category_id 99" in result.stderr and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_cli("train", "--config", "demo", "solver.lrr=1", check=False)
+    assert result.returncode == 2 and "did you mean 'lr'" in result.stderr
+
+
+def test_check_data_reports_and_exits(shapes, tmp_path):
+    result = run_cli("check-data", str(shapes["train"]), str(shapes["images"]))
+    assert "usable for training" in result.stdout and "instances per class" in result.stdout
+    data = json.loads(shapes["train"].read_text())
+    data["images"][0]["file_name"] = "nope.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    result = run_cli("check-data", str(bad), str(shapes["images"]), check=False)
+    assert result.returncode == 1 and "nope.png" in result.stdout and "not found" in result.stdout
+
+
+def test_visualize_ground_truth_browser(shapes, tmp_path):
+    run_cli("visualize", "--image-dir", str(shapes["images"]), "--gt", str(shapes["train"]),
+            "--output-dir", str(tmp_path), "--num", "2")
+    assert len(list(tmp_path.glob("*.png"))) == 2

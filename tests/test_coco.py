@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from tinyseg.data.coco import CategoryMap, DatasetError, decode_masks, inspect_coco, load_coco, segmentation_to_rle
+
+from conftest import needs_shared
+
+
+def test_real_sample_polygons_match_pycocotools_and_areas():
+    sample = needs_shared("tinyvoc", "pascal_train_sample.json")
+    data = load_coco(sample)
+    raw = json.loads(sample.read_text())
+    assert len(data.images) == 10 and sum(len(r.annotations) for r in data.images) == 23
+    multi_part = 0
+    for record in data.images:
+        for annotation in record.annotations:
+            rle = segmentation_to_rle(annotation["segmentation"], record.height, record.width)
+            reference = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], record.height, record.width))
+            assert np.array_equal(mask_utils.decode(rle), mask_utils.decode(reference))
+            # The file's areas were computed from the same polygons: they agree to the pixel.
+            assert abs(float(mask_utils.area(rle)) - annotation["area"]) <= 0.01 * annotation["area"] + 2
+            multi_part += len(annotation["segmentation"]) > 1
+    assert multi_part > 0, "the sample has multi-part polygons; they must be read"
+    assert data.categories.category_ids == list(range(1, 21))
+    assert len(raw["images"]) == len(data.images)
+
+
+def test_rle_compressed_and_uncompressed_decode_alike():
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[3:9, 4:20] = 1
+    compressed = mask_utils.encode(np.asfortranarray(mask))
+    counts = []  # uncompressed column-major run lengths, starting with zeros
+    flat, value, run = mask.flatten(order="F"), 0, 0
+    for pixel in flat:
+        if pixel == value:
+            run += 1
+        else:
+            counts.append(run)
+            value, run = pixel, 1
+    counts.append(run)
+    for segmentation in ({"size": [20, 30], "counts": compressed["counts"].decode()},
+                         {"size": [20, 30], "counts": counts}):
+        decoded = decode_masks([segmentation_to_rle(segmentation, 20, 30)], 20, 30)
+        assert np.array_equal(decoded[0], mask)
+
+
+def test_category_map_round_trips_non_contiguous_ids():
+    categories = CategoryMap.from_categories([{"id": 12, "name": "c"}, {"id": 3, "name": "a"}, {"id": 7, "name": "b"}])
+    assert [categories.category_to_label(i) for i in (3, 7, 12)] == [1, 2, 3]
+    assert [categories.label_to_category(l) for l in (1, 2, 3)] == [3, 7, 12]
+    assert categories.num_classes == 4
+    assert CategoryMap.from_dict(categories.to_dict()).category_ids == [3, 7, 12]
+
+
+def _coco(**changes):
+    base = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [1, 1, 3, 3],
+                         "segmentation": [[1, 1, 4, 1, 4, 4, 1, 4]]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    base.update(changes)
+    return base
+
+
+def _annotation(**changes):
+    return [{**_coco()["annotations"][0], **changes}]
+
+
+BAD = {
+    "unknown image": (_coco(annotations=_annotation(image_id=99)), "unknown image_id 99"),
+    "unknown category": (_coco(annotations=_annotation(category_id=5)), "unknown category_id 5"),
+    "two points": (_coco(annotations=_annotation(segmentation=[[1, 1, 4, 4]])), "fewer than 3 points"),
+    "odd coordinates": (_coco(annotations=_annotation(segmentation=[[1, 1, 4, 1, 4]])), "odd number"),
+    "nan coordinate": (_coco(annotations=_annotation(segmentation=[[1, 1, 4, float("nan"), 4, 4]])), "NaN"),
+    "zero box": (_coco(annotations=_annotation(bbox=[1, 1, 0, 3])), "zero-size"),
+    "negative box": (_coco(annotations=_annotation(bbox=[1, 1, -2, 3])), "zero-size or negative"),
+    "rle size": (_coco(annotations=_annotation(segmentation={"size": [5, 5], "counts": "25"})), "RLE size"),
+    "duplicate image": (_coco(images=_coco()["images"] * 2), "duplicate image id"),
+    "duplicate annotation": (_coco(annotations=_annotation() * 2), "duplicate annotation id"),
+    "traversal": (_coco(images=[{"id": 1, "file_name": "../x.png", "height": 10, "width": 10}]), "leaves the image"),
+    "absolute": (_coco(images=[{"id": 1, "file_name": "/etc/passwd", "height": 10, "width": 10}]), "leaves the image"),
+    "no size": (_coco(images=[{"id": 1, "file_name": "a.png"}]), "height and width"),
+    "missing images": ({"annotations": [], "categories": []}, "images: missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_json_names_file_and_entry(tmp_path, case):
+    content, message = BAD[case]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DatasetError) as error:
+        load_coco(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_not_an_object_and_not_json(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(DatasetError, match="expected a JSON object"):
+        load_coco(path)
+    path.write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_coco(path)
+
+
+def test_recoveries_are_warnings(tmp_path):
+    path = tmp_path / "warn.json"
+    path.write_text(json.dumps(_coco(annotations=_annotation(segmentation=[]) + [
+        {**_annotation()[0], "id": 2, "bbox": [5, 5, 20, 20]}])))
+    data, problems = inspect_coco(path)
+    assert data is not None
+    messages = [p.message for p in problems]
+    assert any("empty segmentation; annotation skipped" in m for m in messages)
+    assert any("outside" in m and "clipped" in m for m in messages)
+    assert len(data.images[0].annotations) == 1

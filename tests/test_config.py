@@ -1,0 +1,39 @@
+import pytest
+
+from tinyseg.config import ConfigError, load_config, preset_names
+
+
+def test_presets_load_and_differ():
+    assert {"default", "seed", "tinyvoc", "demo"} <= set(preset_names())
+    seed = load_config("seed")
+    assert seed.model.backbone == "resnet152"
+    assert (seed.solver.lr, seed.solver.momentum, seed.solver.weight_decay) == (0.005, 0.9, 0.0005)
+    assert (seed.solver.scheduler, seed.solver.batch_size, seed.input.min_size) == ("step", 2, [800])
+    assert (seed.input.copies, seed.input.flipped_copies) == (3, 1)
+    assert load_config("default").solver.scheduler == "cosine"
+
+
+def test_overrides_dotted_and_short(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("solver:\n  lr: 0.1\nmodel:\n  backbone: resnet101\n")
+    config = load_config(str(path), ["solver.lr=0.5", "backbone=resnet50", "input.min_size=[600,700]"])
+    assert config.solver.lr == 0.5
+    assert config.model.backbone == "resnet50"
+    assert config.input.min_size == [600, 700]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.lrr=1", "did you mean 'lr'"),
+    ("solver.lr=fast", "expects float"),
+    ("train.amp=fp8", "must be one of"),
+    ("nosuchsection.x=1", "unknown config section"),
+    ("lr", "key=value"),
+])
+def test_bad_overrides_are_clear(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", [override])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="presets: .*seed"):
+        load_config("no-such-preset")

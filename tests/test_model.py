@@ -1,0 +1,63 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tinyseg.config import ModelConfig
+from tinyseg.model import BackboneWeightsError, build_model
+from tinyseg.model import weights as weights_module
+
+
+def test_scratch_model_trains_everything_with_learning_norm():
+    model = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4)
+    trunk = model.backbone.body
+    assert all(p.requires_grad for p in model.parameters())
+    norms = [m for m in trunk.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and not any(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.nn.init.normal_(reference.conv1.weight)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(ModelConfig(backbone="resnet18", init=str(path), fpn_channels=32, box_head_dim=64), 3)
+    trunk = model.backbone.body
+    assert torch.equal(trunk.conv1.weight, reference.conv1.weight)
+    assert torch.equal(trunk.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    assert type(trunk.bn1).__name__ == "FrozenBatchNorm2d"
+    assert not trunk.conv1.weight.requires_grad and trunk.layer4[0].conv1.weight.requires_grad  # 3 stages train
+
+
+def test_wrong_weights_file_is_refused(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(BackboneWeightsError, match="do not fit resnet50"):
+        build_model(ModelConfig(backbone="resnet50", init=str(path)), 3)
+
+
+def test_imagenet_without_network_fails_at_once_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(BackboneWeightsError) as error:
+        build_model(ModelConfig(backbone="resnet50", init="imagenet"), 3)
+    message = str(error.value)
+    assert str(weights_module.cached_weights_path("resnet50")) in message
+    assert "model.init=none" in message and "download.pytorch.org" in message
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnext50_32x4d"])
+def test_bottleneck_backbones_build(backbone):
+    model = build_model(ModelConfig(backbone=backbone, init="none"), 21)
+    model.eval()
+    with torch.no_grad():
+        output = model([torch.rand(3, 64, 80)])[0]
+    assert set(output) == {"boxes", "labels", "scores", "masks"}

@@ -1,0 +1,70 @@
+"""The submission: exact format, the file's category ids, the validator, and pycocotools loading it."""
+
+import json
+
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from tinyseg.engine.checkpoint import CheckpointError
+from tinyseg.inference.run import PredictJob, run_predict
+from tinyseg.inference.submission import validate_submission
+
+
+@pytest.fixture(scope="module")
+def submission(trained_run, tmp_path_factory):
+    shapes = trained_run["shapes"]
+    out = tmp_path_factory.mktemp("submission") / "submission.json"
+    run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(shapes["images"]), str(out),
+                           str(shapes["test"]), num_workers=0, progress=False))
+    return out
+
+
+def test_format_and_category_ids_round_trip(trained_run, submission):
+    entries = json.loads(submission.read_text())
+    assert entries
+    test = json.loads(trained_run["shapes"]["test"].read_text())
+    sizes = {i["id"]: [i["height"], i["width"]] for i in test["images"]}
+    for entry in entries:
+        assert list(entry) == ["image_id", "score", "category_id", "segmentation"]
+        assert isinstance(entry["segmentation"]["counts"], str)
+        assert entry["segmentation"]["size"] == sizes[entry["image_id"]]
+        assert mask_utils.decode({**entry["segmentation"], "counts": entry["segmentation"]["counts"].encode()}).shape == tuple(sizes[entry["image_id"]])
+    # The file's ids are 3, 7 and 12; internal labels 1..3 must never leak out.
+    assert {e["category_id"] for e in entries} <= {3, 7, 12}
+    assert {e["category_id"] for e in entries} & {7, 12}
+
+
+def test_valid_submission_passes_and_pycocotools_loads_it(trained_run, submission):
+    assert validate_submission(submission, trained_run["shapes"]["test"]) == []
+    gt = COCO(str(trained_run["shapes"]["test_gt"]))
+    results = gt.loadRes(str(submission))
+    assert len(results.anns) == len(json.loads(submission.read_text()))
+
+
+def test_validator_lists_each_problem(trained_run, submission, tmp_path):
+    entries = json.loads(submission.read_text())[:4]
+    entries[0]["image_id"] = 424242
+    entries[1]["category_id"] = 1
+    entries[2]["segmentation"]["size"] = [1, 1]
+    del entries[3]["score"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(entries + [{"image_id": entries[0]["image_id"], "score": 0.5, "category_id": 3,
+                                          "segmentation": {"size": [96, 112], "counts": "garbage!!"}}]))
+    problems = validate_submission(bad, trained_run["shapes"]["test"])
+    text = "\n".join(problems)
+    assert "entry 0: image_id 424242" in text
+    assert "entry 1: category_id 1" in text
+    assert "entry 2: RLE size [1, 1]" in text
+    assert "entry 3: missing score" in text
+    assert "entry 4:" in text
+
+
+def test_checkpoint_with_other_classes_is_refused(trained_run, tmp_path):
+    test = json.loads(trained_run["shapes"]["test"].read_text())
+    test["categories"] = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(test))
+    with pytest.raises(CheckpointError, match="different class set"):
+        run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(trained_run["shapes"]["images"]),
+                               str(tmp_path / "x.json"), str(other), num_workers=0, progress=False))

@@ -1,0 +1,117 @@
+"""Training really learns, resumes exactly, and refuses what it must refuse."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinyseg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyseg.engine.trainer import NonFiniteLossError, train
+from tinyseg.engine.logger import read_metrics
+
+from conftest import ROOT, TINY, tiny_config
+
+
+def test_short_training_lowers_loss_and_overfits(trained_run):
+    records = [r for r in read_metrics(trained_run["run_dir"]) if r["kind"] == "train"]
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f}"
+    best = trained_run["summary"]["best"]
+    # Chance on this set is about 0: a model that learned nothing finds no shape at IoU 0.5.
+    assert best["segm_AP50"] > 0.3, best
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (trained_run["run_dir"] / name).exists(), name
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _train_cli(shapes, run_dir, *extra):
+    overrides = TINY + [f"train.output_dir={run_dir}", "solver.epochs=3", "train.eval_every=0", *extra]
+    return [sys.executable, "-m", "tinyseg", "train", "--train-json", str(shapes["train"]), "--image-dir",
+            str(shapes["images"]), "--val-json", str(shapes["val"]), *overrides]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(shapes, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cli(shapes, straight), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_cli(shapes, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = load_checkpoint(killed / "last.pt")  # intact: written atomically
+    assert state["epoch"] < 3, "the run finished before it could be killed; the test proves nothing"
+    subprocess.run(_train_cli(shapes, killed) + ["--resume"], check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    resumed, reference = _weights(killed / "last.pt"), _weights(straight / "last.pt")
+    assert load_checkpoint(killed / "last.pt")["iteration"] == load_checkpoint(straight / "last.pt")["iteration"]
+    for key in reference:
+        assert torch.allclose(resumed[key].float(), reference[key].float(), atol=1e-6), key
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path, "solver.epochs=1", "train.eval_every=0")
+    train(config)
+    before = (tmp_path / "last.pt").read_bytes()
+    config = tiny_config(shapes, tmp_path, "solver.epochs=2", "solver.lr=1e30", "solver.warmup_iters=0",
+                         "solver.clip_grad_norm=0", "solver.optimizer=sgd")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss.*untouched"):
+        train(config)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_checkpoint_write_crash_leaves_previous_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2})
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_truncated_and_pickled_checkpoints_are_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"epoch": 1, "weights": torch.ones(1000)})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "tinyseg-checkpoint", "payload": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a tinyseg checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_bf16_training_stays_finite(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path, "solver.epochs=2", "train.amp=bf16", "train.channels_last=true",
+                         "train.eval_every=0")
+    summary = train(config)
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert summary["iterations"] == 8 and all(math.isfinite(v) for v in losses)
