@@ -61,3 +61,18 @@ def test_visualize_ground_truth_browser(shapes, tmp_path):
     run_cli("visualize", "--image-dir", str(shapes["images"]), "--gt", str(shapes["train"]),
             "--output-dir", str(tmp_path), "--num", "2")
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_check_data_catches_size_mismatch_and_bad_images(shapes, tmp_path):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(shapes["images"], folder)
+    data = json.loads(shapes["train"].read_text())
+    data["images"][0]["width"] += 5
+    (folder / data["images"][1]["file_name"]).write_bytes(b"")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    result = run_cli("check-data", str(bad), str(folder), check=False)
+    assert result.returncode == 1
+    assert "the JSON says" in result.stdout and "empty (0 bytes)" in result.stdout

@@ -28,7 +28,9 @@ def pycocotools_stats(gt: dict, detections: list[dict], iou_type: str) -> list[f
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        # Segm results without 'bbox', as detectron2 passes them, so detection areas come from masks.
+        coco_dt = coco_gt.loadRes([{k: v for k, v in d.items() if not (k == "bbox" and iou_type == "segm")}
+                                   for d in detections])
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()

@@ -68,3 +68,24 @@ def test_checkpoint_with_other_classes_is_refused(trained_run, tmp_path):
     with pytest.raises(CheckpointError, match="different class set"):
         run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(trained_run["shapes"]["images"]),
                                str(tmp_path / "x.json"), str(other), num_workers=0, progress=False))
+
+
+def test_unreadable_and_missing_images_are_reported_not_dropped(trained_run, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    shapes = trained_run["shapes"]
+    folder = tmp_path / "images"
+    shutil.copytree(shapes["images"], folder)
+    test = json.loads(shapes["test"].read_text())
+    broken, missing = test["images"][0]["file_name"], test["images"][1]["file_name"]
+    (folder / broken).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / missing).unlink()
+    out = tmp_path / "submission.json"
+    result = run_cli("predict", "--checkpoint", str(trained_run["run_dir"] / "best.pt"), "--image-dir", str(folder),
+                     "--images-json", str(shapes["test"]), "--output", str(out), "--workers", "0", check=False)
+    assert result.returncode == 1
+    assert "2 image(s) could not be read" in result.stderr and broken in result.stderr and missing in result.stderr
+    predicted = {e["image_id"] for e in json.loads(out.read_text())}
+    assert test["images"][0]["id"] not in predicted and predicted  # the others were still predicted

@@ -115,3 +115,26 @@ def test_bf16_training_stays_finite(shapes, tmp_path):
     summary = train(config)
     losses = [r["loss"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert summary["iterations"] == 8 and all(math.isfinite(v) for v in losses)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(shapes, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(_train_cli(shapes, run_dir, "solver.epochs=50"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resumable checkpoint" in stderr and "Traceback" not in stderr
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["iteration"] >= 5 and state["epoch"] < 50
+    # --resume picks it up; two more epochs than saved finish quickly.
+    target = state["epoch"] + 2
+    subprocess.run(_train_cli(shapes, run_dir, f"solver.epochs={target}") + ["--resume"], check=True,
+                   capture_output=True, cwd=ROOT, timeout=600)
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == target

@@ -112,7 +112,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[CocoData | None, list[Problem]]:
-    """Parse and check a COCO file; returns the data (None when unusable) and every problem found."""
+    """Parse and check a COCO file: the data as far as it could be read (None when its structure is
+    unusable; the bad entries left out) and every problem found."""
     name = str(path)
     raw = read_json(path)
     problems: list[Problem] = []
@@ -128,8 +129,6 @@ def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[Co
     images = _check_images(name, raw["images"], problems)
     by_id = {r.image_id: r for r in images}
     _check_annotations(name, raw.get("annotations") or [], by_id, set(categories), problems)
-    if any(p.severity == ERROR for p in problems):
-        return None, problems
     category_map = CategoryMap.from_categories(list(categories.values()))
     return CocoData(name, images, category_map, problems), problems
 
@@ -137,7 +136,7 @@ def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[Co
 def load_coco(path: str | Path, require_annotations: bool = True) -> CocoData:
     """Load a COCO file or raise DatasetError listing every error (warnings are kept on the result)."""
     data, problems = inspect_coco(path, require_annotations)
-    if data is None:
+    if data is None or any(p.severity == ERROR for p in problems):
         raise DatasetError(format_problems(problems, f"{path} cannot be used"))
     return data
 

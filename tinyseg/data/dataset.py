@@ -24,8 +24,9 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[ImageRecord], image_dir: str | Path, categories: CategoryMap,
                  transforms: Callable | None = None, copies: int = 1, flipped_copies: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
         self.records = records
+        self.seed = seed
         self.image_dir = Path(image_dir)
         self.categories = categories
         self.transforms = transforms
@@ -54,7 +55,16 @@ class InstanceDataset(torch.utils.data.Dataset):
                                     for a in self.instances(record)]
         return self._rle_cache[key]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """key: an index, or (index, epoch) from TrainBatchSampler, which makes augmentation reproducible."""
+        if isinstance(key, tuple):
+            index, epoch = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                return self._load(index)
+        return self._load(key)
+
+    def _load(self, index: int):
         record = self.record(index)
         image = tv_tensors.Image(F.pil_to_tensor(load_rgb(image_path(self.image_dir, record.file_name),
                                                           self.max_pixels)))

@@ -2,6 +2,8 @@
 
 Every rank builds the same shuffled order from (seed, epoch), takes its own slice of it, and yields
 exactly len(slice) // batch_size batches, so all ranks step the same number of times per epoch.
+Batches are lists of (index, epoch) pairs: the dataset seeds each sample's augmentation from them, so
+a sample's augmentation never depends on which worker loads it or on what came before (exact resume).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         batches = self._batches()
         skip, self.skip_batches = self.skip_batches, 0
-        return iter(batches[skip:])
+        return iter([[(index, self.epoch) for index in batch] for batch in batches[skip:]])
 
     def __len__(self) -> int:
         return len(self._indices()) // self.batch_size

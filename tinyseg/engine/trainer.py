@@ -80,7 +80,7 @@ class Trainer:
         c = self.cfg
         self.dataset = InstanceDataset(self.data.train_records, self.data.train_image_dir, self.data.categories,
                                        train_transforms(c.input), c.input.copies, c.input.flipped_copies,
-                                       c.data.max_image_pixels)
+                                       c.data.max_image_pixels, c.train.seed)
         factors = None
         if c.input.repeat_threshold > 0:
             labels = [[a["category_id"] for a in self.dataset.instances(r)] for r in self.data.train_records]
@@ -91,10 +91,10 @@ class Trainer:
             raise DatasetError(f"{len(self.dataset)} training images are fewer than batch_size x world size"
                              f" ({c.solver.batch_size} x {dist.world_size()})")
         workers = c.data.num_workers
-        self.loader_generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
-            pin_memory=self.device.type == "cuda", persistent_workers=False, generator=self.loader_generator)
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
 
     def _build_solver(self) -> None:
         s = self.cfg.solver
@@ -165,9 +165,9 @@ class Trainer:
         self.model.train()
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip_batches = self.epoch_step
-        # Augmentation draws depend on (seed, epoch) only, so a resumed run repeats them exactly.
+        # Model-side randomness (RoI sampling) restarts from (seed, epoch); augmentation is seeded per
+        # sample in the dataset. So a run resumed at an epoch boundary repeats every draw exactly.
         torch.manual_seed(c.train.seed * 1000 + self.epoch)
-        self.loader_generator.manual_seed(c.train.seed * 1000 + self.epoch)
         network = self.ddp or self.model
         accumulate = c.solver.accumulate
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,

@@ -33,20 +33,36 @@ def evaluate_detections(gt: dict[str, Any], detections: list[dict], iou_types=IO
             continue
         if iou_type == "bbox":
             usable = [_with_bbox(d) for d in usable]
+        else:
+            # As detectron2 does: without 'bbox', loadRes takes each detection's area from its mask
+            # (with one, from its box), and the small/medium/large ranges use mask areas like the GT.
+            for d in usable:
+                d.pop("bbox", None)
         coco_dt = coco_gt.loadRes(usable)
         evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=lambda *a, **k: None)
-        buffer = io.StringIO()
-        evaluator.print_function = lambda line, *a, **k: buffer.write(f"{line}\n")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
         stats = [float(v) for v in evaluator.stats[:12]]
         results[iou_type] = {
             "stats": dict(zip(STAT_NAMES, stats)),
-            "summary": buffer.getvalue().rstrip().splitlines()[-12:],
+            "summary": summary_lines(stats, evaluator.params.maxDets),
             "per_class_AP50": _per_class_ap50(evaluator, gt),
         }
     return results
+
+
+def summary_lines(stats: list[float], max_dets: list[int]) -> list[str]:
+    """The 12 standard lines, formatted as pycocotools prints them."""
+    rows = [("AP", "0.50:0.95", "all", -1), ("AP", "0.50", "all", -1), ("AP", "0.75", "all", -1),
+            ("AP", "0.50:0.95", "small", -1), ("AP", "0.50:0.95", "medium", -1), ("AP", "0.50:0.95", "large", -1),
+            ("AR", "0.50:0.95", "all", 0), ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", -1),
+            ("AR", "0.50:0.95", "small", -1), ("AR", "0.50:0.95", "medium", -1), ("AR", "0.50:0.95", "large", -1)]
+    lines = []
+    for (kind, iou, area, dets), value in zip(rows, stats):
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        lines.append(f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets[dets]:>3d} ] = {value:0.3f}")
+    return lines
 
 
 def _with_areas(gt: dict[str, Any]) -> dict[str, Any]:

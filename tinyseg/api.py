@@ -1,0 +1,128 @@
+"""The Python API: what the CLI does, callable from your own code.
+
+    from tinyseg import Predictor
+    predictor = Predictor("runs/voc/best.pt", device="cpu")
+    for instance in predictor("photo.jpg"):
+        print(instance.category_name, instance.score, instance.box, instance.mask.sum())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config, PredictConfig, load_config
+from .data.images import load_rgb, to_rgb
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclass
+class Instance:
+    """One detected object, in the pixels of the input image."""
+
+    mask: np.ndarray  # (H, W) bool
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    score: float
+    category_id: int  # the training file's id
+    category_name: str
+
+
+class Predictor:
+    """A trained model for inference on single images or batches.
+
+    Args:
+        checkpoint: a tinyseg checkpoint (`best.pt` or `last.pt` of a run).
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        score_thresh, mask_thresh, max_detections: override the run's prediction settings.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", score_thresh: float | None = None,
+                 mask_thresh: float | None = None, max_detections: int | None = None):
+        from .config import config_from_dict
+        from .engine.checkpoint import load_checkpoint
+        from .inference.predictor import load_model
+
+        predict: PredictConfig = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
+        for name, value in (("score_thresh", score_thresh), ("mask_thresh", mask_thresh),
+                            ("max_detections", max_detections)):
+            if value is not None:
+                setattr(predict, name, value)
+        self.loaded = load_model(str(checkpoint), device, predict)
+        self.categories = self.loaded.categories
+
+    def __call__(self, image: ImageInput) -> list[Instance]:
+        """Instances found in one image: a path, a PIL image, or an (H, W[, C]) uint8 array in RGB."""
+        return self.predict_batch([image])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[ImageInput]) -> list[list[Instance]]:
+        """Instances for each image, in order; the images go through the network as one batch."""
+        tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
+        outputs = self.loaded.model(tensors)
+        mask_thresh = self.loaded.config.predict.mask_thresh
+        return [self._instances(output, mask_thresh) for output in outputs]
+
+    def _instances(self, output: dict[str, torch.Tensor], mask_thresh: float) -> list[Instance]:
+        masks = (output["masks"][:, 0] >= mask_thresh).cpu().numpy()
+        found = []
+        for mask, box, score, label in zip(masks, output["boxes"].tolist(), output["scores"].tolist(),
+                                           output["labels"].tolist()):
+            found.append(Instance(mask, tuple(box), float(score), self.categories.label_to_category(label),
+                                  self.categories.label_to_name(label)))
+        return found
+
+
+def _to_tensor(image: ImageInput) -> torch.Tensor:
+    if isinstance(image, (str, Path)):
+        picture = load_rgb(image)
+    elif isinstance(image, Image.Image):
+        picture = to_rgb(image)
+    elif isinstance(image, np.ndarray):
+        picture = to_rgb(Image.fromarray(image))
+    else:
+        raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+    array = np.asarray(picture, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def train(config: Config | str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides.
+
+    Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}.
+    """
+    from .engine.trainer import train as run_training
+
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return run_training(config, resume=resume)
+
+
+def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, checkpoint: str | Path | None = None,
+             image_dir: str | Path | None = None, iou_types: Sequence[str] = ("segm", "bbox"),
+             device: str = "auto") -> dict[str, Any]:
+    """COCO AP like `tinyseg evaluate`: of a detections file/list, or of a checkpoint's predictions on image_dir.
+
+    Returns per IoU type {"stats": {"AP", "AP50", ...}, "summary": [12 lines], "per_class_AP50": {...}}.
+    """
+    import tempfile
+
+    from .inference.run import PredictJob, run_evaluate, run_predict
+
+    if (detections is None) == (checkpoint is None):
+        raise ValueError("give either detections or checkpoint (with image_dir)")
+    if checkpoint is not None:
+        if image_dir is None:
+            raise ValueError("checkpoint needs image_dir")
+        with tempfile.TemporaryDirectory() as scratch:
+            job = PredictJob(str(checkpoint), str(image_dir), str(Path(scratch) / "detections.json"), str(gt),
+                             device, None, num_workers=0, progress=False)
+            detections = run_predict(job).results
+    if isinstance(detections, Path):
+        detections = str(detections)
+    return run_evaluate(str(gt), detections, tuple(iou_types))
