@@ -29,9 +29,15 @@ class UsageError(ValueError):
 
 
 def run_verb(args: argparse.Namespace) -> int:
-    return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+    from .engine import distributed as dist
+
+    verb = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "validate-submission": cmd_validate, "visualize": cmd_visualize, "check-data": cmd_check_data,
-            "demo": cmd_demo}[args.verb](args)
+            "demo": cmd_demo}[args.verb]
+    try:
+        return verb(args)
+    finally:
+        dist.shutdown()
 
 
 def train_config(args: argparse.Namespace):
@@ -81,6 +87,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
                      _predict_config(args, args.checkpoint), args.workers)
     found = run_predict(job)
+    from .engine import distributed as dist
+
+    if not dist.is_main():
+        return 0
     if found.errors:
         print(f"tinyseg predict: {len(found.errors)} image(s) could not be read and have no detections:",
               file=sys.stderr)
@@ -106,6 +116,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
                          args.device, _predict_config(args, args.checkpoint), args.workers)
         detections = run_predict(job).results
+        from .engine import distributed as dist
+
+        if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
+            return 0
     results = run_evaluate(args.gt, detections, iou_types)
     print(format_report(results))
     if args.output:

@@ -90,6 +90,9 @@ class SolverConfig:
     warmup_iters: int = 200
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0 = off
+    # Linear scaling rule (Goyal et al., 2017): when > 0, lr is multiplied by
+    # (batch_size x accumulate x world size) / reference_batch. 0 = use lr as given.
+    reference_batch: int = 0
     ema: bool = False
     ema_decay: float = 0.9998
 
@@ -106,6 +109,7 @@ class TrainConfig:
     log_every: int = 10  # iterations between metrics.jsonl lines
     nonfinite_loss: str = "stop"  # stop | skip
     max_time_min: float = 0.0  # stop cleanly (checkpoint + eval) after this much wall time; 0 = off
+    dist_timeout_min: float = 10.0  # a collective that waits longer (a dead peer) ends the job
 
 
 @dataclass

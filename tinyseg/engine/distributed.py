@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
 import torch
@@ -25,14 +26,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device_kind: str, timeout_s: float = 600.0) -> None:
-    """Join the process group torchrun describes; the timeout ends a job whose peer died."""
-    if not launched_by_torchrun() or dist.is_initialized():
-        return
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    if device_kind == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+def init(device: torch.device, timeout_s: float = 600.0) -> torch.device:
+    """Join the process group torchrun describes and return this rank's device.
+
+    NCCL on CUDA (one GPU per local rank), gloo on CPU. The timeout ends a job whose peer died instead
+    of letting it hang; only rank 0 logs at INFO level.
+    """
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if not is_main():
+        logging.getLogger("tinyseg").setLevel(logging.WARNING)
+    return device
 
 
 def shutdown() -> None:

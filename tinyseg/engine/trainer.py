@@ -38,10 +38,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
-        dist.init(self.device.type)
-        if self.device.type == "cuda" and dist.world_size() > 1:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = dist.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_min * 60)
         self.run_dir = Path(cfg.train.output_dir)
         self.main = dist.is_main()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -100,6 +97,10 @@ class Trainer:
         s = self.cfg.solver
         self.steps_per_epoch = max(1, len(self.sampler) // s.accumulate)
         self.total_iters = s.max_iters if s.max_iters > 0 else s.epochs * self.steps_per_epoch
+        if s.reference_batch > 0:
+            global_batch = s.batch_size * s.accumulate * dist.world_size()
+            s.lr = s.lr * global_batch / s.reference_batch
+            s.reference_batch = 0  # applied once; config.yaml records the lr actually used
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = build_scheduler(self.optimizer, s, self.total_iters, self.steps_per_epoch)
 
@@ -135,7 +136,7 @@ class Trainer:
                 if not finished:
                     break
         except KeyboardInterrupt:
-            self._save(None)
+            self._write_checkpoints(None)
             log.warning("interrupted: saved a resumable checkpoint to %s (continue with --resume)",
                         self.run_dir / "last.pt")
             raise
@@ -255,6 +256,10 @@ class Trainer:
         return metrics
 
     def _save(self, metrics: dict[str, Any] | None) -> None:
+        self._write_checkpoints(metrics)
+        dist.barrier()  # no rank runs ahead of a checkpoint that a resume would read
+
+    def _write_checkpoints(self, metrics: dict[str, Any] | None) -> None:
         improved = metrics is not None and metrics["segm_AP50"] > self.best["segm_AP50"]
         if improved:
             self.best = {"epoch": self.epoch, "iteration": self.iteration, **metrics}

@@ -48,8 +48,10 @@ def run_predict(job: PredictJob) -> Predictions:
     """Predict every image and write the submission atomically; unreadable images are listed in .errors."""
     state = load_checkpoint(job.checkpoint)
     entries = image_entries(job.image_dir, job.images_json, state)
-    loaded = load_model(job.checkpoint, job.device, job.predict)
-    dist.init(loaded.device.type)
+    from ..engine.precision import resolve_device
+
+    device = dist.init(resolve_device(job.device))
+    loaded = load_model(job.checkpoint, str(device), job.predict)
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
