@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_options(evaluate)
 
     predict = verbs.add_parser("predict", help="write a submission JSON for a folder of images")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", help="a tinyseg checkpoint (or give --onnx)")
+    predict.add_argument("--onnx", help="an exported ONNX model, run with onnxruntime instead of PyTorch")
     predict.add_argument("--image-dir", required=True)
     predict.add_argument("--images-json", default="", help="test.json: image ids are looked up by file name")
     predict.add_argument("--output", required=True, help="the submission JSON to write")
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--num", type=int, default=16, help="how many images (random, seeded)")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.add_argument("--score-thresh", type=float, default=0.3)
+
+    export = verbs.add_parser("export", help="export a checkpoint to ONNX (dynamic image size)")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--output", help="default: the checkpoint's name with .onnx")
+    export.add_argument("--opset", type=int, default=17)
+
+    report = verbs.add_parser("report", help="(re)build the training report (plots, report.html) of a run")
+    report.add_argument("run_dir")
 
     check = verbs.add_parser("check-data", help="check a COCO dataset and its images without training")
     check.add_argument("json")

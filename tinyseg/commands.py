@@ -33,7 +33,7 @@ def run_verb(args: argparse.Namespace) -> int:
 
     verb = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "validate-submission": cmd_validate, "visualize": cmd_visualize, "check-data": cmd_check_data,
-            "demo": cmd_demo}[args.verb]
+            "demo": cmd_demo, "export": cmd_export, "report": cmd_report}[args.verb]
     try:
         return verb(args)
     finally:
@@ -82,11 +82,17 @@ def _predict_config(args: argparse.Namespace, checkpoint: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference.run import PredictJob, run_predict
+    from .inference.run import PredictJob, run_predict, run_predict_onnx
 
-    job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
-                     _predict_config(args, args.checkpoint), args.workers)
-    found = run_predict(job)
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise UsageError("give --checkpoint CKPT or --onnx MODEL.onnx")
+    if args.onnx:
+        found = run_predict_onnx(args.onnx, args.image_dir, args.output, args.images_json, args.score_thresh,
+                                 args.mask_thresh)
+    else:
+        job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
+                         _predict_config(args, args.checkpoint), args.workers)
+        found = run_predict(job)
     from .engine import distributed as dist
 
     if not dist.is_main():
@@ -170,6 +176,21 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels)
     print(report)
     return 0 if usable else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.output or str(Path(args.checkpoint).with_suffix(".onnx")), args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from ..data.presets import train_transforms
 from ..data.samplers import TrainBatchSampler, repeat_factors
 from ..evaluation.coco_eval import evaluate_detections
 from ..inference.predictor import predict_images
+from ..inference.submission import write_json
 from ..model import build_model, set_inference_options, set_precision
 from . import distributed as dist
 from .checkpoint import atomic_write_text, check_same_categories, load_checkpoint, save_checkpoint
@@ -53,6 +54,8 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            if self.data.val_gt is not None:  # what the run is scored on, for the report and for audits
+                write_json(self.run_dir / "val_gt.json", self.data.val_gt)
         self.logger = MetricsLogger(self.run_dir, enabled=self.main)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -142,8 +145,18 @@ class Trainer:
             raise
         finally:
             self.logger.close()
+        if self.main:
+            self._write_report()
         return {"best": self.best, "epochs": self.epoch, "iterations": self.iteration,
                 "run_dir": str(self.run_dir), "seconds": time.time() - started}
+
+    def _write_report(self) -> None:
+        from ..report import write_report
+
+        try:
+            write_report(self.run_dir)
+        except Exception as error:  # a plot must never cost the user a finished training run
+            log.warning("could not write the report: %s", error)
 
     def max_epochs(self) -> int:
         if self.cfg.solver.max_iters > 0:
@@ -246,7 +259,7 @@ class Trainer:
         if self.ema is not None:
             raw = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.ema.state)
-        metrics = evaluate_model(self.model, self.data, self.cfg, self.device)
+        metrics = evaluate_model(self.model, self.data, self.cfg, self.device, self.run_dir)
         if raw is not None:
             self.model.load_state_dict(raw)
         if metrics is not None and self.main:
@@ -279,7 +292,8 @@ class Trainer:
             save_checkpoint(self.run_dir / "best.pt", state)
 
 
-def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, device: torch.device) -> dict | None:
+def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, device: torch.device,
+                   run_dir: Path | None = None) -> dict | None:
     """COCO AP on the val records; each rank predicts its shard, rank 0 scores the gathered results."""
     p = cfg.predict
     set_inference_options(model, cfg.input.test_min_size, cfg.input.test_max_size, p.score_thresh,
@@ -292,7 +306,11 @@ def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, devi
     gathered = dist.all_gather_objects(found.results)
     if not dist.is_main():
         return None
-    results = evaluate_detections(data.val_gt, [r for part in gathered for r in part])
+    detections = [r for part in gathered for r in part]
+    results = evaluate_detections(data.val_gt, detections)
+    if run_dir is not None:  # the report's material: the latest evaluation in full
+        write_json(run_dir / "val_results.json", results)
+        write_json(run_dir / "val_detections.json", detections)
     return {f"{kind}_{name}": value for kind in ("segm", "bbox") for name, value in results[kind]["stats"].items()}
 
 

@@ -48,6 +48,7 @@ def evaluate_detections(gt: dict[str, Any], detections: list[dict], iou_types=IO
             "stats": dict(zip(STAT_NAMES, stats)),
             "summary": summary_lines(stats, evaluator.params.maxDets),
             "per_class_AP50": _per_class_ap50(evaluator, gt),
+            "pr_curve_50": _pr_curves(evaluator, gt),
         }
     return results
 
@@ -113,9 +114,59 @@ def _per_class_ap50(evaluator, gt: dict[str, Any]) -> dict[str, float]:
     return per_class
 
 
+def _pr_curves(evaluator, gt: dict[str, Any]) -> dict[str, Any]:
+    """Precision at the 101 COCO recall points, IoU 0.5, all areas, 100 detections: per class."""
+    precision = evaluator.eval["precision"]
+    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    curves = {names[cid]: [float(v) for v in precision[0, :, k, 0, -1]] for k, cid in enumerate(evaluator.params.catIds)}
+    return {"recall": [float(r) for r in evaluator.params.recThrs], "precision": curves}
+
+
+def image_f1(gt: dict[str, Any], detections: list[dict], score_thresh: float = 0.5, iou: float = 0.5) -> dict[int, float]:
+    """Per image, F1 of mask matches at IoU >= iou among detections scoring >= score_thresh (crowds ignored).
+
+    A plain, readable per-image quality for finding the worst images; COCO AP stays the metric.
+    """
+    from collections import defaultdict
+
+    from pycocotools import mask as mask_utils
+
+    from ..data.coco import segmentation_to_rle
+
+    sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
+    truths, found = defaultdict(list), defaultdict(list)
+    for a in gt.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            truths[a["image_id"]].append(a)
+    for d in detections:
+        if d["score"] >= score_thresh:
+            found[d["image_id"]].append(d)
+    scores = {}
+    for image_id, (height, width) in sizes.items():
+        gts, dts = truths[image_id], sorted(found[image_id], key=lambda d: -d["score"])
+        if not gts and not dts:
+            scores[image_id] = 1.0
+            continue
+        matched = 0
+        if gts and dts:
+            g_rles = [segmentation_to_rle(a["segmentation"], height, width) for a in gts]
+            d_rles = [segmentation_to_rle(d["segmentation"], height, width) for d in dts]
+            ious = mask_utils.iou(d_rles, g_rles, [0] * len(g_rles))
+            used = set()
+            for i, d in enumerate(dts):
+                candidates = [(ious[i][j], j) for j, a in enumerate(gts)
+                              if j not in used and a["category_id"] == d["category_id"] and ious[i][j] >= iou]
+                if candidates:
+                    used.add(max(candidates)[1])
+                    matched += 1
+        scores[image_id] = 2 * matched / (len(gts) + len(dts))
+    return scores
+
+
 def _empty_result(gt: dict[str, Any]) -> dict[str, Any]:
     return {"stats": {name: 0.0 for name in STAT_NAMES}, "summary": ["(no detections)"],
-            "per_class_AP50": {c.get("name", str(c["id"])): 0.0 for c in gt["categories"]}}
+            "per_class_AP50": {c.get("name", str(c["id"])): 0.0 for c in gt["categories"]},
+            "pr_curve_50": {"recall": [], "precision": {}}}
 
 
 def format_report(results: dict[str, Any]) -> str:

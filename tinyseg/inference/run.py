@@ -69,6 +69,28 @@ def run_predict(job: PredictJob) -> Predictions:
     return merged
 
 
+def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: str = "",
+                     score_thresh: float | None = None, mask_thresh: float | None = None) -> Predictions:
+    """The same job as run_predict, through onnxruntime: one image at a time, no PyTorch model."""
+    from .export import OnnxModel
+
+    model = OnnxModel(model_path, score_thresh, mask_thresh)
+    state = {"categories": model.categories.to_dict()}
+    entries = image_entries(image_dir, images_json, state)
+    dataset = ImageListDataset(entries, image_dir)
+    found = Predictions()
+    for index in range(len(dataset)):
+        image, meta = dataset[index]
+        if image is None:
+            found.errors.append(meta["error"])
+            continue
+        found.results += model.results(image.float() / 255, meta["image_id"])
+        found.image_ids.append(meta["image_id"])
+    count = write_submission(output, found.results)
+    log.info("wrote %d detections for %d images to %s (onnxruntime)", count, len(found.image_ids), output)
+    return found
+
+
 def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[str, ...]) -> dict:
     from ..data.coco import read_json
 

@@ -6,6 +6,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -67,7 +68,20 @@ class DetectionTransform(GeneralizedRCNNTransform):
     def resize(self, image, target=None):
         if self.training:
             return image, target
+        if torchvision._is_tracing():
+            return self._traced_resize(image), target
         return super().resize(image, target)
+
+    def _traced_resize(self, image: torch.Tensor) -> torch.Tensor:
+        # For ONNX export: resize to an explicit output size. torchvision's traced path hands ONNX a
+        # scale, and onnxruntime then sampled some sizes differently from eager PyTorch (375x500 at
+        # scale 0.256 was off by whole pixels); an explicit size samples as eager PyTorch does.
+        shape = torch._shape_as_tensor(image)[-2:].to(torch.float32)
+        scale = torch.minimum(self.min_size[-1] / shape.min(), self.max_size / shape.max())
+        size = torch.floor(shape * scale + 1e-4).to(torch.int64)
+        resized = torch.nn.functional.interpolate(image[None], size=(size[0], size[1]), mode="bilinear",
+                                                  align_corners=False)
+        return resized[0]
 
 
 def build_backbone(cfg: ModelConfig) -> AmpBackboneWithFPN:

@@ -1,0 +1,109 @@
+"""ONNX export agrees with PyTorch; the run report renders in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from tinyseg.data.images import load_rgb
+from tinyseg.inference.predictor import load_model
+from torchvision.ops import box_iou
+
+from conftest import SHARED, run_cli
+
+
+@pytest.fixture(scope="module")
+def onnx_path(trained_run, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "onnx", "--output", str(out))
+    return out
+
+
+def _images(trained_run):
+    shapes = trained_run["shapes"]
+    paths = [shapes["images"] / i["file_name"] for i in json.loads(shapes["test"].read_text())["images"]]
+    real = SHARED / "tinyvoc" / "test_images"
+    if real.exists():  # real photos of other sizes, when ../shared is there
+        paths += sorted(real.glob("*.jpg"))[:3]
+    return paths
+
+
+def test_onnx_matches_pytorch(trained_run, onnx_path):
+    from tinyseg.inference.export import OnnxModel
+
+    threshold = 0.3
+    torch_model = load_model(str(trained_run["run_dir"] / "best.pt"), device="cpu", amp="none").model
+    onnx_model = OnnxModel(str(onnx_path))
+    compared = 0
+    for path in _images(trained_run):
+        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
+        with torch.no_grad():
+            reference = torch_model([image])[0]
+        exported = onnx_model(image)
+        keep_r, keep_e = reference["scores"] >= threshold, exported["scores"] >= threshold
+        assert int(keep_r.sum()) == int(keep_e.sum()), path
+        assert torch.equal(reference["labels"][keep_r], exported["labels"][keep_e])
+        if keep_r.any():
+            ious = box_iou(reference["boxes"][keep_r], exported["boxes"][keep_e]).diagonal()
+            assert float(ious.min()) > 0.99
+            for a, b in zip(reference["masks"][keep_r], exported["masks"][keep_e]):
+                ma, mb = (a[0] >= 0.5).numpy(), (b[0] >= 0.5).numpy()
+                union = np.logical_or(ma, mb).sum()
+                assert union == 0 or np.logical_and(ma, mb).sum() / union > 0.98
+            compared += int(keep_r.sum())
+    assert compared > 0, "no detections above the threshold: the comparison would prove nothing"
+
+
+def test_predict_with_onnx_writes_a_valid_submission(trained_run, onnx_path, tmp_path):
+    shapes = trained_run["shapes"]
+    out = tmp_path / "onnx_submission.json"
+    run_cli("predict", "--onnx", str(onnx_path), "--image-dir", str(shapes["images"]), "--images-json",
+            str(shapes["test"]), "--output", str(out))
+    run_cli("validate-submission", str(out), "--images-json", str(shapes["test"]))
+    assert {e["category_id"] for e in json.loads(out.read_text())} <= {3, 7, 12}
+
+
+def test_report_files_exist(trained_run):
+    run_dir = trained_run["run_dir"]
+    for name in ("losses.png", "ap.png", "per_class_ap50.png", "pr_curves.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 1000, name
+    assert list((run_dir / "plots").glob("worst_*.png"))
+    page = (run_dir / "report.html").read_text()
+    assert page.count("<img ") >= 5 and "Average Precision" in page
+
+
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  document.body.insertAdjacentHTML('beforeend', `<div id="tinyseg-check">images=${images.length} broken=${broken}</div>`);
+});
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=5000"]
+    page = trained_run["run_dir"] / "report.html"
+    shot = tmp_path / "report.png"
+    result = subprocess.run(flags + ["--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000, result.stderr[-2000:]
+    assert not re.search(r"CONSOLE.*(Error|Uncaught)|Uncaught", result.stderr), result.stderr[-2000:]
+    # A copy with a checking script (the report itself has none) tells whether every image decoded.
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
+    dom = subprocess.run(flags + ["--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r"images=(\d+) broken=(\d+)", dom)
+    assert found and int(found.group(1)) >= 5 and found.group(2) == "0", dom[-500:]
