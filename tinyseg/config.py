@@ -65,6 +65,7 @@ class ModelConfig:
     norm: str = "auto"  # auto | frozen_bn | bn | gn | syncbn; auto = frozen_bn if pretrained else gn
     trainable_layers: int = 3  # pretrained backbones only; from scratch trains all stages
     fpn_channels: int = 256
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
     box_head_dim: int = 1024
     box_head_dropout: float = 0.0
     mask_head_dropout: float = 0.0

@@ -23,13 +23,15 @@ def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def lr_factor(cfg: SolverConfig, iteration: int, total_iters: int, iters_per_epoch: int) -> float:
+def lr_factor(cfg: SolverConfig, iteration: int, total_iters: int, iters_per_epoch: int,
+              time_progress: float = 0.0) -> float:
+    """time_progress: the share of a wall-clock budget used; a cosine ends at whichever limit comes first."""
     warmup = 1.0
     if iteration < cfg.warmup_iters:
         alpha = iteration / max(1, cfg.warmup_iters)
         warmup = cfg.warmup_factor * (1 - alpha) + alpha
     if cfg.scheduler == "cosine":
-        progress = min(1.0, iteration / max(1, total_iters))
+        progress = min(1.0, max(iteration / max(1, total_iters), time_progress))
         return warmup * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.scheduler == "step":
         epoch = iteration // max(1, iters_per_epoch)
@@ -38,9 +40,9 @@ def lr_factor(cfg: SolverConfig, iteration: int, total_iters: int, iters_per_epo
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SolverConfig, total_iters: int,
-                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+                    iters_per_epoch: int, time_progress=lambda: 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, it, total_iters, iters_per_epoch))
+        optimizer, lambda it: lr_factor(cfg, it, total_iters, iters_per_epoch, time_progress()))
 
 
 class ModelEma:

@@ -48,6 +48,7 @@ class Trainer:
         self._build_loader()
         self._build_solver()
         self.epoch, self.iteration, self.epoch_step = 0, 0, 0
+        self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
         self.best: dict[str, Any] = {"segm_AP50": -1.0}
         if resume:
             self._resume()
@@ -105,7 +106,16 @@ class Trainer:
             s.lr = s.lr * global_batch / s.reference_batch
             s.reference_batch = 0  # applied once; config.yaml records the lr actually used
         self.optimizer = build_optimizer(self.model, s)
-        self.scheduler = build_scheduler(self.optimizer, s, self.total_iters, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, s, self.total_iters, self.steps_per_epoch,
+                                         self._time_progress)
+
+    def _time_progress(self) -> float:
+        """Share of train.max_time_min used so far (0 without a budget): a budgeted cosine decays to 0 in time."""
+        limit = self.cfg.train.max_time_min * 60
+        started = getattr(self, "started", None)
+        if limit <= 0 or started is None:
+            return 0.0
+        return min(1.0, (self.elapsed_before + time.time() - started) / limit)
 
     def _resume(self) -> None:
         path = self.run_dir / "last.pt"
@@ -120,13 +130,14 @@ class Trainer:
             self.ema.updates = state.get("ema_updates", 0)
         self.epoch, self.iteration, self.epoch_step = state["epoch"], state["iteration"], state["epoch_step"]
         self.best = state.get("best", self.best)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
         restore_rng(state["rng"])
         if self.main:
             log.info("resumed %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        started = time.time()
+        started = self.started = time.time()
         try:
             while self.epoch < self.max_epochs() and self.iteration < self.total_iters:
                 finished = self._train_epoch(started)
@@ -147,7 +158,9 @@ class Trainer:
             self.logger.close()
         if self.main:
             self._write_report()
+        s = self.cfg.solver
         return {"best": self.best, "epochs": self.epoch, "iterations": self.iteration,
+                "images_seen": self.iteration * s.batch_size * s.accumulate * dist.world_size(),
                 "run_dir": str(self.run_dir), "seconds": time.time() - started}
 
     def _write_report(self) -> None:
@@ -164,8 +177,7 @@ class Trainer:
         return self.cfg.solver.epochs
 
     def _time_is_up(self, started: float) -> bool:
-        limit = self.cfg.train.max_time_min
-        over = limit > 0 and time.time() - started > limit * 60
+        over = self.cfg.train.max_time_min > 0 and self._time_progress() >= 1.0
         if dist.world_size() > 1:  # every rank must stop on the same step
             over = dist.reduce_mean({"over": float(over)}, self._reduce_device())["over"] > 0
         return over
@@ -285,6 +297,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
             "epoch_step": self.epoch_step, "rng": rng_state(), "config": self.cfg.to_dict(),
             "categories": self.data.categories.to_dict(), "best": self.best, "metrics": metrics,
+            "elapsed_s": self.elapsed_before + time.time() - getattr(self, "started", time.time()),
         }
         save_checkpoint(self.run_dir / "last.pt", state)
         no_val = not self.data.val_records

@@ -139,7 +139,9 @@ def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, te
     if cfg.mask_head_dropout > 0:
         mask_head = nn.Sequential(OrderedDict(heads=mask_head, dropout=nn.Dropout2d(cfg.mask_head_dropout)))
     resolution = 7
-    anchors = AnchorGenerator(tuple((s,) for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
+    if len(cfg.anchor_sizes) != 5:
+        raise ConfigError(f"model.anchor_sizes needs 5 sizes (one per FPN level), got {cfg.anchor_sizes}")
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     model = MaskRCNN(
         backbone,
         num_classes=None,
