@@ -69,15 +69,15 @@ def _refuse_overlap(train: list[ImageRecord], train_dir: Path, val: list[ImageRe
     import numpy as np
 
     from .images import image_path, load_rgb
-    from .split import difference_hash, near_duplicate_pairs
+    from .split import near_duplicate_pairs, thumbnail_signature
 
     pairs = [(r, train_dir) for r in train] + [(r, val_dir) for r in val]
-    hashes = np.stack([difference_hash(load_rgb(image_path(d, r.file_name))) for r, d in pairs])
+    signatures = np.stack([thumbnail_signature(load_rgb(image_path(d, r.file_name))) for r, d in pairs])
     digests = [content_keys(d, r)[0] for r, d in pairs]
     exact = {}
     for index, digest in enumerate(digests):
         exact.setdefault(digest, []).append(index)
-    candidates = set(near_duplicate_pairs(hashes))
+    candidates = set(near_duplicate_pairs(signatures))
     candidates |= {(a, b) for group in exact.values() for a in group for b in group if a < b}
     leaks = sorted({(a, b - len(train)) for a, b in candidates if a < len(train) <= b})
     if leaks:

@@ -1,8 +1,8 @@
 """Train/val split by image, seeded, with duplicate images kept on the same side.
 
 The reference solution's validation leaked: the same picture sat in train and val under two ids.
-Here images whose bytes are equal, or whose small grayscale thumbnails hash equal (re-encoded or
-resized copies), form one group, and whole groups go to one side.
+Here images whose bytes are equal, or whose contrast-normalised thumbnails correlate >= 0.97
+(re-encoded or resized copies), form one group, and whole groups go to one side.
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ def content_keys(image_dir: str | Path, record: ImageRecord) -> list[str]:
     return [f"bytes:{hashlib.md5(path.read_bytes()).hexdigest()}", f"name:{record.file_name}"]
 
 
-def difference_hash(image: Image.Image, size: int = 8) -> np.ndarray:
-    """64 bits that survive re-encoding and resizing: signs of horizontal gradients of a tiny thumbnail."""
-    small = np.asarray(image.convert("L").resize((size + 1, size), Image.BOX), dtype=np.int16)
-    return (small[:, 1:] > small[:, :-1]).flatten()
+def thumbnail_signature(image: Image.Image, size: int = 16) -> np.ndarray:
+    """A zero-mean, unit-length 16x16 grayscale thumbnail: near copies (re-encoded, resized) correlate ~1.
+
+    Contrast is normalised away, so dark micrographs with a few bright cells compare by where the cells
+    are, not by their shared black background. A flat image gets all zeros and matches nothing.
+    """
+    small = np.asarray(image.convert("L").resize((size, size), Image.BOX), dtype=np.float64).flatten()
+    small -= small.mean()
+    norm = np.linalg.norm(small)
+    return small / norm if norm > 1e-6 * size else np.zeros_like(small)
 
 
-def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = 4) -> list[tuple[int, int]]:
-    """Index pairs whose hashes differ in at most max_distance bits (all pairs, vectorised)."""
-    bits = hashes.astype(np.int32)
-    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T
-    first, second = np.nonzero(np.triu(distance <= max_distance, k=1))
+def near_duplicate_pairs(signatures: np.ndarray, min_similarity: float = 0.97) -> list[tuple[int, int]]:
+    """Index pairs whose thumbnails correlate at least min_similarity (all pairs, one matrix product)."""
+    similarity = signatures @ signatures.T
+    first, second = np.nonzero(np.triu(similarity >= min_similarity, k=1))
     return list(zip(first.tolist(), second.tolist()))
 
 
@@ -55,8 +60,8 @@ def duplicate_groups(image_dir: str | Path, records: list[ImageRecord]) -> list[
                 parent[find(index)] = find(owner[key])
             else:
                 owner[key] = index
-    hashes = np.stack([difference_hash(load_rgb(image_path(image_dir, r.file_name))) for r in records])
-    for first, second in near_duplicate_pairs(hashes):
+    signatures = np.stack([thumbnail_signature(load_rgb(image_path(image_dir, r.file_name))) for r in records])
+    for first, second in near_duplicate_pairs(signatures):
         parent[find(first)] = find(second)
     groups: dict[int, list[int]] = {}
     for index in range(len(records)):
