@@ -33,3 +33,15 @@ def test_evaluate_api_matches_cli_scoring(trained_run):
                                      image_dir=shapes["images"], device="cpu")
     assert by_checkpoint["segm"]["stats"]["AP50"] > 0
     assert set(by_checkpoint["segm"]["per_class_AP50"]) == {"circle", "square", "triangle"}
+
+
+def test_tta_predictions_are_valid_and_close_to_plain(trained_run):
+    shapes = trained_run["shapes"]
+    test = json.loads(shapes["test"].read_text())
+    path = shapes["images"] / test["images"][0]["file_name"]
+    plain = tinyseg.Predictor(trained_run["run_dir"] / "best.pt", device="cpu", score_thresh=0.5)(path)
+    with_tta = tinyseg.Predictor(trained_run["run_dir"] / "best.pt", device="cpu", score_thresh=0.5, tta=True)(path)
+    assert with_tta and len(with_tta) <= 2 * len(plain) + 2
+    best_plain, best_tta = plain[0], with_tta[0]
+    overlap = (best_plain.mask & best_tta.mask).sum() / max(1, (best_plain.mask | best_tta.mask).sum())
+    assert best_tta.category_id == best_plain.category_id and overlap > 0.7

@@ -39,18 +39,19 @@ class Predictor:
     Args:
         checkpoint: a tinyseg checkpoint (`best.pt` or `last.pt` of a run).
         device: "cpu", "cuda", "cuda:N" or "auto".
-        score_thresh, mask_thresh, max_detections: override the run's prediction settings.
+        score_thresh, mask_thresh, max_detections, tta: override the run's prediction settings
+            (tta: horizontal flip plus `predict.tta_scales`, merged by NMS with mask voting).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", score_thresh: float | None = None,
-                 mask_thresh: float | None = None, max_detections: int | None = None):
+                 mask_thresh: float | None = None, max_detections: int | None = None, tta: bool | None = None):
         from .config import config_from_dict
         from .engine.checkpoint import load_checkpoint
         from .inference.predictor import load_model
 
         predict: PredictConfig = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
         for name, value in (("score_thresh", score_thresh), ("mask_thresh", mask_thresh),
-                            ("max_detections", max_detections)):
+                            ("max_detections", max_detections), ("tta", tta)):
             if value is not None:
                 setattr(predict, name, value)
         self.loaded = load_model(str(checkpoint), device, predict)
@@ -63,9 +64,15 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput]) -> list[list[Instance]]:
         """Instances for each image, in order; the images go through the network as one batch."""
+        from .inference.tta import tta_forward
+
         tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
-        outputs = self.loaded.model(tensors)
-        mask_thresh = self.loaded.config.predict.mask_thresh
+        p = self.loaded.config.predict
+        if p.tta:
+            outputs = tta_forward(self.loaded.model, tensors, p.tta_scales, True, p.nms_thresh, p.max_detections)
+        else:
+            outputs = self.loaded.model(tensors)
+        mask_thresh = p.mask_thresh
         return [self._instances(output, mask_thresh) for output in outputs]
 
     def _instances(self, output: dict[str, torch.Tensor], mask_thresh: float) -> list[Instance]:

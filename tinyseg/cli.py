@@ -20,6 +20,9 @@ def _add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-thresh", type=float, default=None, help="mask probability cut (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation: flip (+ --tta-scales), merged by NMS with mask voting")
+    parser.add_argument("--tta-scales", type=int, nargs="*", default=None, help="extra test short sides for --tta")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,7 +74,7 @@ def _predict_config(args: argparse.Namespace, checkpoint: str):
     from .engine.checkpoint import load_checkpoint
 
     predict = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
-    for name in ("score_thresh", "max_detections", "mask_thresh", "batch_size"):
+    for name in ("score_thresh", "max_detections", "mask_thresh", "batch_size", "tta", "tta_scales"):
         value = getattr(args, name)
         if value is not None:
             setattr(predict, name, value)

@@ -98,7 +98,8 @@ def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 def finalize_target(target: dict) -> dict:
     """Recompute boxes from the (transformed) masks and drop instances cut to nothing."""
-    masks = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
+    masks = target["masks"]
+    masks = (masks.as_subclass(torch.Tensor) if isinstance(masks, tv_tensors.Mask) else masks).to(torch.uint8)
     keep = masks.flatten(1).any(dim=1).bool() if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
     masks = masks[keep]
     return {

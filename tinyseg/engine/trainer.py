@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.build import TrainingData, build_training_data
 from ..data.coco import DatasetError
+from ..data.copy_paste import copy_paste
 from ..data.dataset import ImageListDataset, InstanceDataset, collate
 from ..data.presets import train_transforms
 from ..data.samplers import TrainBatchSampler, repeat_factors
@@ -199,6 +200,7 @@ class Trainer:
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
                    initial=self.epoch_step, total=len(self.sampler), dynamic_ncols=True)
         for images, targets in bar:
+            images, targets = copy_paste(list(images), list(targets), c.input.copy_paste_prob)
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             self.epoch_step += 1
@@ -276,8 +278,8 @@ class Trainer:
             self.model.load_state_dict(raw)
         if metrics is not None and self.main:
             self.logger.log({"kind": "val", "epoch": self.epoch, "iteration": self.iteration, **metrics})
-            log.info("epoch %d: segm AP50 %.4f AP %.4f | bbox AP50 %.4f", self.epoch, metrics["segm_AP50"],
-                     metrics["segm_AP"], metrics["bbox_AP50"])
+            log.info("epoch %d, iteration %d: segm AP50 %.4f AP %.4f | bbox AP50 %.4f", self.epoch, self.iteration,
+                     metrics["segm_AP50"], metrics["segm_AP"], metrics["bbox_AP50"])
         return metrics
 
     def _save(self, metrics: dict[str, Any] | None) -> None:
@@ -315,7 +317,7 @@ def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, devi
                                cfg.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
     found = predict_images(model, dataset, data.categories, device, p.mask_thresh, p.batch_size,
-                           indices=shard, progress=dist.is_main())
+                           indices=shard, progress=dist.is_main(), tta=p)
     gathered = dist.all_gather_objects(found.results)
     if not dist.is_main():
         return None

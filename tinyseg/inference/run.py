@@ -55,8 +55,12 @@ def run_predict(job: PredictJob) -> Predictions:
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-    found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, p.mask_thresh, p.batch_size,
-                           job.num_workers, indices=shard, progress=job.progress and dist.is_main())
+    # On a CPU a batch only adds padding work (measured 0.71 vs 0.87 images/s, R50-FPN 512 px), and
+    # loader workers compete with the model for the cores: one image at a time, decoded in-process.
+    cpu = loaded.device.type == "cpu"
+    found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, p.mask_thresh,
+                           1 if cpu else p.batch_size, 0 if cpu else job.num_workers, indices=shard,
+                           progress=job.progress and dist.is_main(), tta=p)
     parts = dist.all_gather_objects(found)
     merged = Predictions([r for part in parts for r in part.results], [e for part in parts for e in part.errors],
                          [i for part in parts for i in part.image_ids])

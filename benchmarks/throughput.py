@@ -1,0 +1,278 @@
+"""tinyseg against the reference loop (benchmarks/reference_loop.py), side by side in one process.
+
+    python benchmarks/throughput.py --quick --json benchmarks/results/throughput-quick.json
+
+Measures, on the same model architecture, image size and images:
+- a training step (images/s), R50-FPN (and R152-FPN without --quick), on real Tiny VOC photos;
+- prediction from image files to a written submission JSON (images/s), on Tiny VOC and nuclei images;
+- evaluation of a many-instance result set on nuclei val: faster-coco-eval vs pycocotools (seconds),
+  with the 12 numbers checked equal;
+- peak RSS of each side's prediction job, each in a fresh process.
+Each side runs alternately `--repeats` times; the table shows medians and tinyseg/reference ratios.
+Weights are random (nothing pretrained is reachable here), so prediction keeps every detection
+(score threshold 0): 100 masks per image, the heaviest case for pasting and encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+import reference_loop as reference  # noqa: E402
+from recipe import commit, machine  # noqa: E402
+from tinyseg.config import InputConfig, ModelConfig  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "datasets"
+VOC, NUCLEI = SHARED / "tinyvoc", SHARED / "nuclei"
+
+
+def build(backbone: str, size: int, reference_side: bool):
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from tinyseg.model import build_model, set_precision
+
+    torch.manual_seed(0)
+    # Same architecture on both sides: frozen BN, as a user with ImageNet weights trains it.
+    model = build_model(ModelConfig(backbone=backbone, init="none", norm="frozen_bn"),
+                        21, size, 1333, score_thresh=0.0)
+    if reference_side:  # the tutorial model resizes inside, in training too
+        model.transform = GeneralizedRCNNTransform(size, 1333, model.transform.image_mean, model.transform.image_std)
+    else:
+        set_precision(model, torch.bfloat16, True)
+    return model
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+# -- training ------------------------------------------------------------------------------------
+def reference_train(backbone: str, size: int, steps: int) -> float:
+    model = build(backbone, size, True)
+    loader = torch.utils.data.DataLoader(reference.TutorialDataset(str(VOC / "pascal_train_sample.json"),
+                                                                   str(VOC / "train_sample")),
+                                         batch_size=2, shuffle=True, num_workers=2, collate_fn=reference.collate)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    reference.train_steps(model, loader, optimizer, 1)  # warm-up
+    seconds = timed(lambda: reference.train_steps(model, loader, optimizer, steps))
+    return steps * 2 / seconds
+
+
+def tinyseg_train(backbone: str, size: int, steps: int) -> float:
+    from tinyseg.data.coco import load_coco
+    from tinyseg.data.dataset import InstanceDataset, collate
+    from tinyseg.data.presets import train_transforms
+    from tinyseg.data.samplers import TrainBatchSampler
+
+    data = load_coco(VOC / "pascal_train_sample.json")
+    dataset = InstanceDataset(data.images, VOC / "train_sample", data.categories,
+                              train_transforms(InputConfig(min_size=[size], max_size=1333)))
+    sampler = TrainBatchSampler(dataset.aspect_ratios(), 2, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate,
+                                         persistent_workers=True)
+    model = build(backbone, size, False).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+
+    def run(count: int) -> None:
+        done = 0
+        while done < count:
+            for images, targets in loader:
+                losses = model(list(images), list(targets))
+                optimizer.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                optimizer.step()
+                done += 1
+                if done >= count:
+                    return
+    run(1)
+    seconds = timed(lambda: run(steps))
+    return steps * 2 / seconds
+
+
+# -- prediction ----------------------------------------------------------------------------------
+def predict_entries(count: int) -> list[tuple[str, int, str]]:
+    voc = json.loads((VOC / "test.json").read_text())["images"][:count]
+    nuclei = json.loads((NUCLEI / "val.json").read_text())["images"][: max(1, count // 4)]
+    return [(str(VOC / "test_images"), i["id"], i["file_name"]) for i in voc] + \
+           [(str(NUCLEI / "images"), i["id"], i["file_name"]) for i in nuclei]
+
+
+def reference_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
+    model = build(backbone, size, True)
+    entries = predict_entries(count)
+    with tempfile.TemporaryDirectory() as scratch:
+        def run():
+            for folder in sorted({e[0] for e in entries}):
+                reference.predict_to_file(model, [(i, f) for d, i, f in entries if d == folder], folder,
+                                          f"{scratch}/{Path(folder).name}.json")
+        seconds = timed(run)
+    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def tinyseg_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
+    from tinyseg.data.coco import CategoryMap
+    from tinyseg.data.dataset import ImageListDataset
+    from tinyseg.inference.predictor import predict_images
+    from tinyseg.inference.submission import write_submission
+    from tinyseg.model import set_precision
+
+    model = build(backbone, size, False).eval()
+    set_precision(model, torch.bfloat16, False)  # what `tinyseg predict` does on a CPU (see run.py)
+    categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
+    entries = predict_entries(count)
+    with tempfile.TemporaryDirectory() as scratch:
+        def run():
+            for folder in sorted({e[0] for e in entries}):
+                dataset = ImageListDataset([(i, f) for d, i, f in entries if d == folder], folder)
+                found = predict_images(model, dataset, categories, torch.device("cpu"), 0.5, batch_size=1,
+                                       num_workers=0, progress=False)
+                write_submission(f"{scratch}/{Path(folder).name}.json", found.results)
+        seconds = timed(run)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return len(entries) / seconds, peak
+
+
+def _child(queue, function, args) -> None:
+    queue.put(function(*args))
+
+
+def in_fresh_process(function, *args):
+    """Run a job in a new (non-daemonic) process, so that its peak RSS is its own and it may start workers."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, function, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def nuclei_detections() -> tuple[dict, list[dict]]:
+    """Ground truth of nuclei val and a realistic result set: each instance shifted a little, plus misses."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    gt = json.loads((NUCLEI / "val.json").read_text())
+    sizes = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
+    rng = np.random.default_rng(0)
+    detections = []
+    for annotation in gt["annotations"]:
+        if rng.random() < 0.1:
+            continue
+        mask = mask_utils.decode({**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()})
+        mask = np.roll(mask, tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        detections.append({"image_id": annotation["image_id"], "category_id": 1, "score": float(rng.random()),
+                           "segmentation": rle})
+    assert sizes
+    return gt, detections
+
+
+def reference_evaluate(gt: dict, detections: list[dict]) -> list[float]:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes([dict(d) for d in detections]), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]
+
+
+def tinyseg_evaluate(gt: dict, detections: list[dict]) -> list[float]:
+    from tinyseg.evaluation.coco_eval import STAT_NAMES, evaluate_detections
+
+    stats = evaluate_detections(gt, detections, ("segm",))["segm"]["stats"]
+    return [stats[name] for name in STAT_NAMES]
+
+
+# -- the table -----------------------------------------------------------------------------------
+def side_by_side(name: str, reference_fn, tinyseg_fn, repeats: int, higher_is_better: bool = True) -> dict:
+    ref, ours = [], []
+    for _ in range(repeats):
+        ref.append(reference_fn())
+        ours.append(tinyseg_fn())
+    r, t = statistics.median(ref), statistics.median(ours)
+    ratio = t / r if higher_is_better else r / t
+    print(f"{name:<34s} reference {r:10.3f}   tinyseg {t:10.3f}   ratio {ratio:5.2f}x   "
+          f"(runs: ref {', '.join(f'{v:.3f}' for v in ref)}; tinyseg {', '.join(f'{v:.3f}' for v in ours)})", flush=True)
+    return {"reference": r, "tinyseg": t, "ratio": ratio, "reference_runs": ref, "tinyseg_runs": ours}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="R50 only, 512 px, fewer steps: under 5 minutes on 2 CPU cores")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not VOC.exists() or not NUCLEI.exists():
+        print(f"needs the real data in {SHARED}", file=sys.stderr)
+        return 2
+    size = 512 if args.quick else 800
+    repeats = args.repeats or (2 if args.quick else 3)
+    steps, count = (2, 6) if args.quick else (4, 20)
+    backbones = ["resnet50"] if args.quick else ["resnet50", "resnet152"]
+    print(f"machine: {machine()}; commit {commit()}; size {size}px, batch 2, {repeats} repeats")
+    results: dict = {"machine": machine(), "commit": commit(), "size": size, "repeats": repeats}
+    for backbone in backbones:
+        results[f"train_{backbone}"] = side_by_side(
+            f"train {backbone} (images/s)", lambda: reference_train(backbone, size, steps),
+            lambda: tinyseg_train(backbone, size, steps), repeats)
+    ref_rss, our_rss = [], []
+
+    def ref_predict():
+        speed, rss = in_fresh_process(reference_predict, "resnet50", size, count)
+        ref_rss.append(rss)
+        return speed
+
+    def our_predict():
+        speed, rss = in_fresh_process(tinyseg_predict, "resnet50", size, count)
+        our_rss.append(rss)
+        return speed
+
+    results["predict_resnet50"] = side_by_side("predict to submission (images/s)", ref_predict, our_predict, repeats)
+    gt, detections = nuclei_detections()
+    if reference_evaluate(gt, detections) != tinyseg_evaluate(gt, detections):
+        print("evaluation numbers differ between pycocotools and tinyseg", file=sys.stderr)
+        return 1
+    results["evaluate"] = side_by_side("evaluate nuclei val segm (seconds)", lambda: timed(lambda: reference_evaluate(gt, detections)),
+                                       lambda: timed(lambda: tinyseg_evaluate(gt, detections)), repeats, higher_is_better=False)
+    rss_ratio = statistics.median(our_rss) / statistics.median(ref_rss)
+    print(f"{'peak RSS of predict (MiB)':<34s} reference {statistics.median(ref_rss) / 1024:10.0f}   "
+          f"tinyseg {statistics.median(our_rss) / 1024:10.0f}   ratio {rss_ratio:5.2f} (tinyseg / reference)")
+    results.update({"train_ratio": results["train_resnet50"]["ratio"], "predict_ratio": results["predict_resnet50"]["ratio"],
+                    "eval_ratio": results["evaluate"]["ratio"], "rss_ratio": rss_ratio,
+                    "rss_mib": {"reference": statistics.median(ref_rss) / 1024, "tinyseg": statistics.median(our_rss) / 1024},
+                    "eval_identical": True})
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
