@@ -44,9 +44,9 @@ def norm_factory(norm: str):
 class AmpBackboneWithFPN(BackboneWithFPN):
     """The trunk and FPN under autocast, features handed on in fp32.
 
-    The heads decode boxes and compute losses: in bf16 a 512 px coordinate is off by up to 2 px and
-    exp() of box deltas overflows sooner, which is how from-scratch bf16 runs reached NaN losses. So
-    only the convolution-heavy backbone runs in low precision.
+    The heads decode boxes and compute losses: in bf16 a coordinate near 512 px has a resolution of
+    2-4 px and exp() of box deltas overflows sooner (the likely cause of NaN losses in a whole-model
+    bf16 trial). So only the convolution-heavy backbone runs in low precision.
     """
 
     amp_dtype: torch.dtype | None = None
