@@ -43,6 +43,13 @@ def commit() -> str:
         return "unknown"
 
 
+def write_result(path: str | None, result: dict) -> None:
+    """Write a benchmark result as JSON, when a path is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True)
@@ -69,9 +76,7 @@ def main() -> int:
               "overrides": args.overrides, "run_dir": run_dir, "train_seconds": round(summary["seconds"], 1),
               "machine": machine(), "commit": commit()}
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(args.json, result)
     return 0
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 import reference_loop as reference  # noqa: E402
-from recipe import commit, machine  # noqa: E402
+from recipe import commit, machine, write_result  # noqa: E402
 from tinyseg.config import InputConfig, ModelConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -268,9 +268,7 @@ def main() -> int:
                     "eval_ratio": results["evaluate"]["ratio"], "rss_ratio": rss_ratio,
                     "rss_mib": {"reference": statistics.median(ref_rss) / 1024, "tinyseg": statistics.median(our_rss) / 1024},
                     "eval_identical": True})
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_result(args.json, results)
     return 0
 
 

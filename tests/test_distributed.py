@@ -13,7 +13,7 @@ import torch
 from tinyseg.engine.checkpoint import load_checkpoint
 from tinyseg.engine.logger import read_metrics
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 

@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from tinyseg.data.images import load_rgb
 from tinyseg.inference.predictor import load_model

@@ -1,6 +1,5 @@
 """Training really learns, resumes exactly, and refuses what it must refuse."""
 
-import json
 import math
 import os
 import signal

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, PredictConfig, load_config
+from .config import Config, load_config
 from .data.images import load_rgb, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -45,16 +45,10 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", score_thresh: float | None = None,
                  mask_thresh: float | None = None, max_detections: int | None = None, tta: bool | None = None):
-        from .config import config_from_dict
-        from .engine.checkpoint import load_checkpoint
         from .inference.predictor import load_model
 
-        predict: PredictConfig = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
-        for name, value in (("score_thresh", score_thresh), ("mask_thresh", mask_thresh),
-                            ("max_detections", max_detections), ("tta", tta)):
-            if value is not None:
-                setattr(predict, name, value)
-        self.loaded = load_model(str(checkpoint), device, predict)
+        self.loaded = load_model(str(checkpoint), device, {"score_thresh": score_thresh, "mask_thresh": mask_thresh,
+                                                           "max_detections": max_detections, "tta": tta})
         self.categories = self.loaded.categories
 
     def __call__(self, image: ImageInput) -> list[Instance]:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 log = logging.getLogger("tinyseg")
 

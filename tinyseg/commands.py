@@ -69,16 +69,10 @@ def _short(best: dict) -> str:
     return f"segm AP50 {best['segm_AP50']:.4f} at epoch {best.get('epoch')}"
 
 
-def _predict_config(args: argparse.Namespace, checkpoint: str):
-    from .config import config_from_dict
-    from .engine.checkpoint import load_checkpoint
-
-    predict = config_from_dict(load_checkpoint(checkpoint)["config"]).predict
-    for name in ("score_thresh", "max_detections", "mask_thresh", "batch_size", "tta", "tta_scales"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(predict, name, value)
-    return predict
+def _predict_overrides(args: argparse.Namespace) -> dict:
+    """The prediction options given on the command line (None = keep the run's setting)."""
+    return {name: getattr(args, name)
+            for name in ("score_thresh", "max_detections", "mask_thresh", "batch_size", "tta", "tta_scales")}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -91,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                  args.mask_thresh)
     else:
         job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
-                         _predict_config(args, args.checkpoint), args.workers)
+                         _predict_overrides(args), args.workers)
         found = run_predict(job)
     from .engine import distributed as dist
 
@@ -120,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError("--checkpoint needs --image-dir")
         out = Path(args.output or "evaluation.json")
         job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
-                         args.device, _predict_config(args, args.checkpoint), args.workers)
+                         args.device, _predict_overrides(args), args.workers)
         detections = run_predict(job).results
         from .engine import distributed as dist
 

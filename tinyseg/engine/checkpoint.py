@@ -80,8 +80,7 @@ def checkpoint_categories(state: dict[str, Any]) -> CategoryMap:
     return CategoryMap.from_dict(state["categories"])
 
 
-def check_same_categories(state: dict[str, Any], categories: CategoryMap, path: str | Path, data_name: str) -> None:
-    saved = checkpoint_categories(state)
+def check_same_categories(saved: CategoryMap, categories: CategoryMap, path: str | Path, data_name: str) -> None:
     if saved.category_ids != categories.category_ids or saved.names != categories.names:
         raise CheckpointError(
             f"{path} was trained on a different class set than {data_name}:\n"

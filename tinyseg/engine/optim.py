@@ -12,7 +12,7 @@ from ..config import SolverConfig
 
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         # Norm scales and biases are not weights to shrink (standard practice since Goyal et al., 2017).

@@ -25,7 +25,8 @@ from ..inference.predictor import predict_images
 from ..inference.submission import write_json
 from ..model import build_model, set_inference_options, set_precision
 from . import distributed as dist
-from .checkpoint import atomic_write_text, check_same_categories, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_write_text, check_same_categories, checkpoint_categories, load_checkpoint,
+                         save_checkpoint)
 from .logger import SHORT_NAMES, MetricsLogger, memory_mb
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .precision import resolve_amp, resolve_device
@@ -50,6 +51,7 @@ class Trainer:
         self._build_solver()
         self.epoch, self.iteration, self.epoch_step = 0, 0, 0
         self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
+        self.started: float | None = None  # when fit() began
         self.best: dict[str, Any] = {"segm_AP50": -1.0}
         if resume:
             self._resume()
@@ -113,15 +115,17 @@ class Trainer:
     def _time_progress(self) -> float:
         """Share of train.max_time_min used so far (0 without a budget): a budgeted cosine decays to 0 in time."""
         limit = self.cfg.train.max_time_min * 60
-        started = getattr(self, "started", None)
-        if limit <= 0 or started is None:
+        if limit <= 0 or self.started is None:
             return 0.0
-        return min(1.0, (self.elapsed_before + time.time() - started) / limit)
+        return min(1.0, self._elapsed() / limit)
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.started if self.started is not None else 0.0)
 
     def _resume(self) -> None:
         path = self.run_dir / "last.pt"
         state = load_checkpoint(path)
-        check_same_categories(state, self.data.categories, path, self.cfg.data.train_json)
+        check_same_categories(checkpoint_categories(state), self.data.categories, path, self.cfg.data.train_json)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -138,10 +142,10 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        started = self.started = time.time()
+        self.started = time.time()
         try:
             while self.epoch < self.max_epochs() and self.iteration < self.total_iters:
-                finished = self._train_epoch(started)
+                finished = self._train_epoch()
                 if finished:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
                 last = not finished or self.epoch >= self.max_epochs() or self.iteration >= self.total_iters
@@ -162,7 +166,7 @@ class Trainer:
         s = self.cfg.solver
         return {"best": self.best, "epochs": self.epoch, "iterations": self.iteration,
                 "images_seen": self.iteration * s.batch_size * s.accumulate * dist.world_size(),
-                "run_dir": str(self.run_dir), "seconds": time.time() - started}
+                "run_dir": str(self.run_dir), "seconds": time.time() - self.started}
 
     def _write_report(self) -> None:
         from ..report import write_report
@@ -177,7 +181,7 @@ class Trainer:
             return math.ceil(self.cfg.solver.max_iters / self.steps_per_epoch)
         return self.cfg.solver.epochs
 
-    def _time_is_up(self, started: float) -> bool:
+    def _time_is_up(self) -> bool:
         over = self.cfg.train.max_time_min > 0 and self._time_progress() >= 1.0
         if dist.world_size() > 1:  # every rank must stop on the same step
             over = dist.reduce_mean({"over": float(over)}, self._reduce_device())["over"] > 0
@@ -186,7 +190,7 @@ class Trainer:
     def _reduce_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _train_epoch(self, started: float) -> bool:
+    def _train_epoch(self) -> bool:
         """One epoch (or the rest of it, after a mid-epoch resume); False when stopped early."""
         c = self.cfg
         self.model.train()
@@ -215,7 +219,7 @@ class Trainer:
             if stepping:
                 self._optimizer_step()
                 self._log_step(bar, losses)
-            if self.iteration >= self.total_iters or (stepping and self._time_is_up(started)):
+            if self.iteration >= self.total_iters or (stepping and self._time_is_up()):
                 return self.iteration >= self.total_iters and self.epoch_step >= len(self.sampler)
         return True
 
@@ -299,7 +303,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
             "epoch_step": self.epoch_step, "rng": rng_state(), "config": self.cfg.to_dict(),
             "categories": self.data.categories.to_dict(), "best": self.best, "metrics": metrics,
-            "elapsed_s": self.elapsed_before + time.time() - getattr(self, "started", time.time()),
+            "elapsed_s": self._elapsed(),
         }
         save_checkpoint(self.run_dir / "last.pt", state)
         no_val = not self.data.val_records

@@ -26,13 +26,17 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(checkpoint: str, device: str = "auto", predict: PredictConfig | None = None,
+def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | None = None,
                amp: str | None = None) -> LoadedModel:
-    """A model ready for inference from a tinyseg checkpoint (EMA weights when the run kept them)."""
+    """A model ready for inference from a tinyseg checkpoint (EMA weights when the run kept them).
+
+    predict_overrides: PredictConfig fields to change from the run's settings; None values are ignored.
+    """
     state = load_checkpoint(checkpoint)
     config = config_from_dict(state["config"])
-    if predict is not None:
-        config.predict = predict
+    for name, value in (predict_overrides or {}).items():
+        if value is not None:
+            setattr(config.predict, name, value)
     categories = checkpoint_categories(state)
     config.model.init = "none"  # the checkpoint holds every weight; never download here
     model = build_model(config.model, categories.num_classes)

@@ -6,11 +6,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PredictConfig
-from ..data.coco import DatasetError, load_coco
+from ..data.coco import CategoryMap, DatasetError, load_coco
 from ..data.dataset import ImageListDataset
 from ..engine import distributed as dist
-from ..engine.checkpoint import check_same_categories, load_checkpoint
+from ..engine.checkpoint import check_same_categories
 from ..evaluation.coco_eval import evaluate_detections
 from .predictor import Predictions, load_model, predict_images
 from .submission import write_json, write_submission
@@ -26,17 +25,17 @@ class PredictJob:
     output: str
     images_json: str = ""
     device: str = "auto"
-    predict: PredictConfig | None = None
+    predict_overrides: dict | None = None  # PredictConfig fields; None values keep the run's setting
     num_workers: int = 2
     progress: bool = True
 
 
-def image_entries(image_dir: str, images_json: str, checkpoint_state: dict) -> list[tuple[int, str]]:
+def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
     """(image_id, file_name) pairs: from the images JSON, or every image in the folder numbered 1..N."""
     if images_json:
         data = load_coco(images_json, require_annotations=False)
         if data.categories.category_ids:
-            check_same_categories(checkpoint_state, data.categories, "checkpoint", images_json)
+            check_same_categories(categories, data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
     files = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -46,12 +45,11 @@ def image_entries(image_dir: str, images_json: str, checkpoint_state: dict) -> l
 
 def run_predict(job: PredictJob) -> Predictions:
     """Predict every image and write the submission atomically; unreadable images are listed in .errors."""
-    state = load_checkpoint(job.checkpoint)
-    entries = image_entries(job.image_dir, job.images_json, state)
     from ..engine.precision import resolve_device
 
     device = dist.init(resolve_device(job.device))
-    loaded = load_model(job.checkpoint, str(device), job.predict)
+    loaded = load_model(job.checkpoint, str(device), job.predict_overrides)
+    entries = image_entries(job.image_dir, job.images_json, loaded.categories)
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
@@ -79,8 +77,7 @@ def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: 
     from .export import OnnxModel
 
     model = OnnxModel(model_path, score_thresh, mask_thresh)
-    state = {"categories": model.categories.to_dict()}
-    entries = image_entries(image_dir, images_json, state)
+    entries = image_entries(image_dir, images_json, model.categories)
     dataset = ImageListDataset(entries, image_dir)
     found = Predictions()
     for index in range(len(dataset)):
