@@ -129,10 +129,10 @@ def tinyseg_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
     from tinyseg.data.dataset import ImageListDataset
     from tinyseg.inference.predictor import predict_images
     from tinyseg.inference.submission import write_submission
-    from tinyseg.model import set_precision
+    from tinyseg.model import prepare_for_inference
 
-    model = build(backbone, size, False).eval()
-    set_precision(model, torch.bfloat16, False)  # what `tinyseg predict` does on a CPU (see run.py)
+    # what `tinyseg predict` does on a CPU (inference/predictor.py::load_model)
+    model = prepare_for_inference(build(backbone, size, False), torch.bfloat16, False)
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(count)
     with tempfile.TemporaryDirectory() as scratch:
@@ -143,8 +143,10 @@ def tinyseg_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
                                        num_workers=0, progress=False)
                 write_submission(f"{scratch}/{Path(folder).name}.json", found.results)
         seconds = timed(run)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return len(entries) / seconds, peak
+    # On a CPU tinyseg predicts in-process (no loader workers), as the reference does, so both sides
+    # count their own process only. (RUSAGE_CHILDREN would add a 430 MB process that `import torch`
+    # forks and reaps before either job starts.)
+    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _child(queue, function, args) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -14,7 +13,8 @@ from ..data.coco import CategoryMap
 from ..data.dataset import ImageListDataset, collate
 from ..engine.checkpoint import checkpoint_categories, load_checkpoint
 from ..engine.precision import resolve_amp, resolve_device
-from ..model import build_model, set_inference_options, set_precision
+from ..model import build_model, prepare_for_inference, set_inference_options
+from .masks import encode_masks, paste_masks_binary
 from .tta import tta_forward
 
 
@@ -48,29 +48,23 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
                           p.score_thresh, p.max_detections, p.nms_thresh)
     # channels_last helps CUDA convolutions; on the CPU it made inference slower (0.82 vs 0.87 images/s
     # for R50-FPN at 512 px, benchmarks/README.md), so it is used for inference on CUDA only.
-    set_precision(model, resolve_amp(amp or config.train.amp, target), config.train.channels_last and target.type == "cuda")
+    prepare_for_inference(model, resolve_amp(amp or config.train.amp, target),
+                          config.train.channels_last and target.type == "cuda")
     return LoadedModel(model, categories, config, target)
 
 
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """Compressed RLEs for (N, H, W) binary masks in one pycocotools call on a Fortran-ordered array."""
-    from pycocotools import mask as mask_utils
-
-    if masks.shape[0] == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-def to_coco_results(output: dict, image_id: int, categories: CategoryMap, mask_thresh: float) -> list[dict]:
-    masks = (output["masks"][:, 0] >= mask_thresh).cpu().numpy()
+def to_coco_results(output: dict, image_id: int, categories: CategoryMap, mask_thresh: float,
+                    image_size: tuple[int, int] | None = None) -> list[dict]:
+    """COCO results for one image's output: full-size "masks", or "mask_probs" pasted at image_size (H, W)."""
+    if "mask_probs" in output:
+        binary = paste_masks_binary(output["mask_probs"], output["boxes"], *image_size, mask_thresh)
+        rles = encode_masks(binary, channels_last=True)
+    else:
+        rles = encode_masks((output["masks"][:, 0] >= mask_thresh).cpu().numpy())
     boxes = output["boxes"].float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
     results = []
-    for rle, box, score, label in zip(encode_masks(masks), boxes.tolist(), output["scores"].tolist(),
-                                      output["labels"].tolist()):
+    for rle, box, score, label in zip(rles, boxes.tolist(), output["scores"].tolist(), output["labels"].tolist()):
         results.append({"image_id": int(image_id), "score": round(float(score), 5),
                         "category_id": categories.label_to_category(label),
                         "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
@@ -95,19 +89,25 @@ def predict_images(model: nn.Module, dataset: ImageListDataset, categories: Cate
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
+    use_tta = tta is not None and tta.tta
+    model.transform.paste_masks = use_tta  # TTA merges masks at image scale; otherwise paste them binary
     found = Predictions()
-    for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
-        readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
-        found.errors += [meta["error"] for meta in metas if meta["error"]]
-        if not readable:
-            continue
-        batch = [image.to(device, non_blocking=True).float().div_(255) for image, _ in readable]
-        if tta is not None and tta.tta:
-            outputs = tta_forward(model, batch, tta.tta_scales, True, tta.nms_thresh, tta.max_detections)
-        else:
-            outputs = model(batch)
-        for output, (_, meta) in zip(outputs, readable):
-            found.results += to_coco_results(output, meta["image_id"], categories, mask_thresh)
-            found.image_ids.append(meta["image_id"])
-    model.train(was_training)
+    try:
+        for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
+            readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
+            found.errors += [meta["error"] for meta in metas if meta["error"]]
+            if not readable:
+                continue
+            batch = [image.to(device, non_blocking=True).float().div_(255) for image, _ in readable]
+            if use_tta:
+                outputs = tta_forward(model, batch, tta.tta_scales, True, tta.nms_thresh, tta.max_detections)
+            else:
+                outputs = model(batch)
+            for output, (_, meta) in zip(outputs, readable):
+                found.results += to_coco_results(output, meta["image_id"], categories, mask_thresh,
+                                                 (meta["height"], meta["width"]))
+                found.image_ids.append(meta["image_id"])
+    finally:
+        model.transform.paste_masks = True
+        model.train(was_training)
     return found

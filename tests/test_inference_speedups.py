@@ -1,0 +1,120 @@
+"""Each inference speed-up must give the same detections as the plain path it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from tinyseg.config import ModelConfig
+from tinyseg.data.coco import CategoryMap
+from tinyseg.inference.masks import encode_masks, paste_masks_binary
+from tinyseg.inference.predictor import to_coco_results
+from tinyseg.model import build_model, prepare_for_inference
+from tinyseg.model.inference import fold_frozen_batchnorm
+from tinyseg.model.roi_pool import ParallelMultiScaleRoIAlign
+
+
+def random_boxes(generator: torch.Generator, count: int, height: int, width: int) -> torch.Tensor:
+    corners = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
+    sizes = torch.rand(count, 2, generator=generator) * 120 + 1
+    return torch.cat([corners, corners + sizes], dim=1)
+
+
+def test_parallel_roi_align_equals_torchvision(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    features = {str(level): torch.randn(2, 8, 64 // 2**level, 80 // 2**level, generator=generator) for level in range(4)}
+    boxes = [random_boxes(generator, 300, 256, 320), random_boxes(generator, 170, 256, 320)]
+    shapes = [(256, 320), (256, 320)]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three chunks, whatever this machine has
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    parallel = ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    with torch.no_grad():
+        assert parallel._chunk_count(features, boxes) == 3
+        assert torch.equal(parallel(features, boxes, shapes), plain(features, boxes, shapes))
+    # with autograd on (training) it falls back to torchvision's single call
+    assert parallel._chunk_count(features, boxes) == 1
+
+
+def frozen_bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", init="none", norm="frozen_bn", fpn_channels=32,
+                                    box_head_dim=64), 4, 128, 160, score_thresh=0.0)
+    for module in model.modules():  # statistics as a pretrained trunk would have them
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_folding_frozen_batchnorm_keeps_the_features():
+    model = frozen_bn_model()
+    image = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        before = model.backbone(image)
+        assert fold_frozen_batchnorm(model.backbone.body) == 20  # stem + 8 blocks x 2 + 3 downsamples
+        after = model.backbone(image)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules())
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_model_finds_the_same_detections():
+    model = frozen_bn_model()
+    images = [torch.rand(3, 100, 130), torch.rand(3, 120, 90)]
+    with torch.no_grad():
+        expected = model(images)
+        prepare_for_inference(model, None, False)
+        found = model(images)
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-3, atol=1e-2)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_inference_keeps_heads_outputs_in_fp32():
+    model = prepare_for_inference(frozen_bn_model(), torch.bfloat16, False)
+    assert model.roi_heads.box_head.fc6.weight.dtype == torch.bfloat16
+    assert model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32  # decoding stays fp32
+    with torch.no_grad():
+        output = model([torch.rand(3, 100, 130)])[0]
+    assert output["boxes"].dtype == output["scores"].dtype == output["masks"].dtype == torch.float32
+    assert len(output["scores"]) > 0
+
+
+@pytest.mark.parametrize("height,width", [(90, 130), (257, 31)])
+def test_binary_paste_equals_torchvision_paste(height, width):
+    generator = torch.Generator().manual_seed(height)
+    probs = torch.rand(25, 1, 28, 28, generator=generator)
+    # clipped to the image as the model's boxes are; the paste's box expansion still crosses the edges
+    boxes = clip_boxes_to_image(random_boxes(generator, 25, height, width) - 20, (height, width))
+    boxes[0] = torch.tensor([10.0, 10.0, 10.2, 10.3])  # a sub-pixel box
+    expected = (paste_masks_in_image(probs, boxes, (height, width))[:, 0] >= 0.5).numpy()
+    found = paste_masks_binary(probs, boxes, height, width, 0.5)
+    assert found.flags.f_contiguous and found.shape == (height, width, 25)
+    assert np.array_equal(found.transpose(2, 0, 1), expected)
+    assert encode_masks(found, channels_last=True) == encode_masks(expected)
+
+
+def test_binary_paste_of_a_box_outside_the_image_is_empty():
+    # torchvision's paste raises on such a box; the model clips boxes first, but a caller may not
+    outside = torch.tensor([[135.0, 3.0, 170.0, 30.0]])
+    assert not paste_masks_binary(torch.ones(1, 1, 28, 28), outside, 90, 130, 0.5).any()
+
+
+def test_results_from_mask_probs_equal_results_from_pasted_masks():
+    model = frozen_bn_model()
+    categories = CategoryMap([3, 7, 12], ["a", "b", "c"])
+    image = torch.rand(3, 100, 130)
+    with torch.no_grad():
+        pasted = model([image])[0]
+        model.transform.paste_masks = False
+        unpasted = model([image])[0]
+    assert "mask_probs" in unpasted and "masks" not in unpasted
+    expected = to_coco_results(pasted, 5, categories, 0.5)
+    assert len(expected) > 0
+    assert to_coco_results(unpasted, 5, categories, 0.5, (100, 130)) == expected
