@@ -4,6 +4,9 @@
         --val-json ../shared/datasets/nuclei/val.json --image-dir ../shared/datasets/nuclei/images \
         --budget-min 20 --json out.json [key=value ...]
 
+Without --val-json the val split is cut from --train-json by tinyseg's leak-free splitter
+(data.val_fraction, data.split_seed), as `tinyseg train` does.
+
 The budget covers training only; the cosine schedule decays to zero as the budget runs out, then the
 model is evaluated once on the val split. The checkpoint stays in the run directory (--run-dir).
 """
@@ -54,7 +57,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True)
     parser.add_argument("--train-json", required=True)
-    parser.add_argument("--val-json", required=True)
+    parser.add_argument("--val-json", default="",
+                        help="default: split data.val_fraction of --train-json off, duplicate-aware (no leaks)")
     parser.add_argument("--image-dir", required=True)
     parser.add_argument("--budget-min", type=float, required=True)
     parser.add_argument("--json", help="write the result here")
@@ -65,7 +69,7 @@ def main() -> int:
 
     run_dir = args.run_dir or f"runs/recipe-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(args.preset, [
-        f"data.train_json={args.train_json}", f"data.val_json={args.val_json}", f"data.image_dir={args.image_dir}",
+        f"data.train_json={args.train_json}", *([f"data.val_json={args.val_json}"] if args.val_json else []), f"data.image_dir={args.image_dir}",
         f"train.output_dir={run_dir}", f"train.max_time_min={args.budget_min}", "train.eval_every=0",
         *args.overrides])
     summary = train(config)

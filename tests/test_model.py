@@ -61,3 +61,20 @@ def test_bottleneck_backbones_build(backbone):
     with torch.no_grad():
         output = model([torch.rand(3, 64, 80)])[0]
     assert set(output) == {"boxes", "labels", "scores", "masks"}
+
+
+def test_frozen_batchnorm_keeps_low_precision_and_torchvision_values():
+    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+    from tinyseg.model.build import FrozenBatchNorm2d
+
+    ours, theirs = FrozenBatchNorm2d(8), TorchvisionFrozenBN(8)
+    for name, buffer in theirs.named_buffers():
+        buffer.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert theirs(x.bfloat16()).dtype == torch.float32  # promoted: the cost this class removes
+    low = ours(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), theirs(x), rtol=2e-2, atol=2e-2)

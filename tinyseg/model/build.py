@@ -33,9 +33,22 @@ def resolve_norm(cfg: ModelConfig) -> str:
     return "gn" if cfg.init == "none" else "frozen_bn"
 
 
+class FrozenBatchNorm2d(misc_ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d that keeps its input's dtype.
+
+    Under autocast the convolution hands over bf16/fp16, and torchvision's fp32 statistics promoted
+    every activation back to fp32, to be cast down again by the next convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
 def norm_factory(norm: str):
     if norm == "frozen_bn":
-        return misc_ops.FrozenBatchNorm2d
+        return FrozenBatchNorm2d
     if norm in ("bn", "syncbn"):
         return nn.BatchNorm2d  # syncbn: converted once the process group exists (engine/distributed.py)
     if norm == "gn":
