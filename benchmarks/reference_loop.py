@@ -54,14 +54,16 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-def train_steps(model, loader, optimizer, steps: int) -> int:
+def train_steps(model, loader, optimizer, steps: int, device: str = "cpu") -> int:
     """The tutorial's train_one_epoch inner loop, for a number of steps; returns images seen."""
     model.train()
     seen = 0
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
-        losses = model(list(images), [dict(t) for t in targets])
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -72,14 +74,14 @@ def train_steps(model, loader, optimizer, steps: int) -> int:
 
 @torch.no_grad()
 def predict_to_file(model, entries: list[tuple[int, str]], image_dir: str, output: str, mask_thresh: float = 0.5,
-                    category_ids: list[int] | None = None) -> int:
+                    category_ids: list[int] | None = None, device: str = "cpu") -> int:
     """One image at a time, one encode per mask, json.dump: the reference's submission writer."""
     model.eval()
     results = []
     for image_id, file_name in entries:
         image = Image.open(Path(image_dir) / file_name).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        output_ = model([tensor])[0]
+        output_ = {k: v.cpu() for k, v in model([tensor.to(device)])[0].items()}
         masks = output_["masks"].numpy()
         for k in range(len(output_["scores"])):
             binary = (masks[k, 0] > mask_thresh).astype(np.uint8)

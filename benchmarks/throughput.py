@@ -7,7 +7,9 @@ Measures, on the same model architecture, image size and images:
 - prediction from image files to a written submission JSON (images/s), on Tiny VOC and nuclei images;
 - evaluation of a many-instance result set on nuclei val: faster-coco-eval vs pycocotools (seconds),
   with the 12 numbers checked equal;
-- peak RSS of each side's prediction job, each in a fresh process.
+- peak RSS of each side's prediction job, each in a fresh process, and peak GPU memory on CUDA.
+On CUDA (--device cuda, the default when a GPU is present) tinyseg uses its CUDA settings: fp16/bf16
+AMP, channels_last, cudnn.benchmark, batched prediction with loader workers; the reference stays fp32.
 Each side runs alternately `--repeats` times; the table shows medians and tinyseg/reference ratios.
 Weights are random (nothing pretrained is reachable here), so prediction keeps every detection
 (score threshold 0): 100 masks per image, the heaviest case for pasting and encoding.
@@ -37,9 +39,16 @@ from tinyseg.config import InputConfig, ModelConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 VOC, NUCLEI = SHARED / "tinyvoc", SHARED / "nuclei"
+DEVICE = "cpu"  # set from --device in main(); the fresh prediction processes get it as an argument
 
 
-def build(backbone: str, size: int, reference_side: bool):
+def tinyseg_amp(device: str):
+    from tinyseg.engine.precision import resolve_amp
+
+    return resolve_amp("auto", torch.device(device))  # bf16 on CPUs that have it; fp16/bf16 on CUDA
+
+
+def build(backbone: str, size: int, reference_side: bool, device: str = "cpu"):
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from tinyseg.model import build_model, set_precision
@@ -51,25 +60,50 @@ def build(backbone: str, size: int, reference_side: bool):
     if reference_side:  # the tutorial model resizes inside, in training too
         model.transform = GeneralizedRCNNTransform(size, 1333, model.transform.image_mean, model.transform.image_std)
     else:
-        set_precision(model, torch.bfloat16, True)
-    return model
+        set_precision(model, tinyseg_amp(device), True)
+    torch.backends.cudnn.benchmark = not reference_side
+    return model.to(device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gpu_peak_mib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+
+
+TRAIN_GPU_PEAK_MIB: dict[str, float] = {}  # "reference resnet50" -> peak of its training runs
+
+
+def track_gpu_peak(key: str, function):
+    """Run a training measurement and keep its peak GPU memory (CUDA only)."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    value = function()
+    TRAIN_GPU_PEAK_MIB[key] = max(TRAIN_GPU_PEAK_MIB.get(key, 0.0), gpu_peak_mib(DEVICE))
+    return value
 
 
 def timed(function) -> float:
+    synchronize(DEVICE)
     start = time.perf_counter()
     function()
+    synchronize(DEVICE)
     return time.perf_counter() - start
 
 
 # -- training ------------------------------------------------------------------------------------
 def reference_train(backbone: str, size: int, steps: int) -> float:
-    model = build(backbone, size, True)
+    model = build(backbone, size, True, DEVICE)
     loader = torch.utils.data.DataLoader(reference.TutorialDataset(str(VOC / "pascal_train_sample.json"),
                                                                    str(VOC / "train_sample")),
                                          batch_size=2, shuffle=True, num_workers=2, collate_fn=reference.collate)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
-    reference.train_steps(model, loader, optimizer, 1)  # warm-up
-    seconds = timed(lambda: reference.train_steps(model, loader, optimizer, steps))
+    reference.train_steps(model, loader, optimizer, 1, DEVICE)  # warm-up
+    seconds = timed(lambda: reference.train_steps(model, loader, optimizer, steps, DEVICE))
     return steps * 2 / seconds
 
 
@@ -83,19 +117,25 @@ def tinyseg_train(backbone: str, size: int, steps: int) -> float:
     dataset = InstanceDataset(data.images, VOC / "train_sample", data.categories,
                               train_transforms(InputConfig(min_size=[size], max_size=1333)))
     sampler = TrainBatchSampler(dataset.aspect_ratios(), 2, seed=0)
+    cuda = DEVICE.startswith("cuda")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate,
-                                         persistent_workers=True)
-    model = build(backbone, size, False).train()
+                                         persistent_workers=True, pin_memory=cuda)
+    model = build(backbone, size, False, DEVICE).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and tinyseg_amp(DEVICE) == torch.float16)
 
     def run(count: int) -> None:
         done = 0
         while done < count:
             for images, targets in loader:
-                losses = model(list(images), list(targets))
+                images = [image.to(DEVICE, non_blocking=True) for image in images]
+                targets = [{k: v.to(DEVICE, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in t.items()} for t in targets]
+                losses = model(images, targets)
                 optimizer.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-                optimizer.step()
+                scaler.scale(sum(losses.values())).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 done += 1
                 if done >= count:
                     return
@@ -112,41 +152,46 @@ def predict_entries(count: int) -> list[tuple[str, int, str]]:
            [(str(NUCLEI / "images"), i["id"], i["file_name"]) for i in nuclei]
 
 
-def reference_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
-    model = build(backbone, size, True)
+def reference_predict(backbone: str, size: int, count: int, device: str = "cpu") -> tuple[float, int, float]:
+    global DEVICE
+    DEVICE = device
+    model = build(backbone, size, True, device)
     entries = predict_entries(count)
     with tempfile.TemporaryDirectory() as scratch:
         def run():
             for folder in sorted({e[0] for e in entries}):
                 reference.predict_to_file(model, [(i, f) for d, i, f in entries if d == folder], folder,
-                                          f"{scratch}/{Path(folder).name}.json")
+                                          f"{scratch}/{Path(folder).name}.json", device=device)
         seconds = timed(run)
-    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, gpu_peak_mib(device)
 
 
-def tinyseg_predict(backbone: str, size: int, count: int) -> tuple[float, int]:
+def tinyseg_predict(backbone: str, size: int, count: int, device: str = "cpu") -> tuple[float, int, float]:
     from tinyseg.data.coco import CategoryMap
     from tinyseg.data.dataset import ImageListDataset
     from tinyseg.inference.predictor import predict_images
     from tinyseg.inference.submission import write_submission
     from tinyseg.model import prepare_for_inference
 
-    # what `tinyseg predict` does on a CPU (inference/predictor.py::load_model)
-    model = prepare_for_inference(build(backbone, size, False), torch.bfloat16, False)
+    global DEVICE
+    DEVICE = device
+    cpu = device == "cpu"
+    # what `tinyseg predict` does (inference/predictor.py::load_model, inference/run.py::run_predict)
+    model = prepare_for_inference(build(backbone, size, False, device), tinyseg_amp(device), not cpu)
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(count)
     with tempfile.TemporaryDirectory() as scratch:
         def run():
             for folder in sorted({e[0] for e in entries}):
                 dataset = ImageListDataset([(i, f) for d, i, f in entries if d == folder], folder)
-                found = predict_images(model, dataset, categories, torch.device("cpu"), 0.5, batch_size=1,
-                                       num_workers=0, progress=False)
+                found = predict_images(model, dataset, categories, torch.device(device), 0.5,
+                                       batch_size=1 if cpu else 2, num_workers=0 if cpu else 2, progress=False)
                 write_submission(f"{scratch}/{Path(folder).name}.json", found.results)
         seconds = timed(run)
     # On a CPU tinyseg predicts in-process (no loader workers), as the reference does, so both sides
     # count their own process only. (RUSAGE_CHILDREN would add a 430 MB process that `import torch`
     # forks and reaps before either job starts.)
-    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, gpu_peak_mib(device)
 
 
 def _child(queue, function, args) -> None:
@@ -229,31 +274,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="R50 only, 512 px, fewer steps: under 5 minutes on 2 CPU cores")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not VOC.exists() or not NUCLEI.exists():
         print(f"needs the real data in {SHARED}", file=sys.stderr)
         return 2
+    global DEVICE
+    DEVICE = args.device
     size = 512 if args.quick else 800
     repeats = args.repeats or (2 if args.quick else 3)
     steps, count = (2, 6) if args.quick else (4, 20)
     backbones = ["resnet50"] if args.quick else ["resnet50", "resnet152"]
-    print(f"machine: {machine()}; commit {commit()}; size {size}px, batch 2, {repeats} repeats")
-    results: dict = {"machine": machine(), "commit": commit(), "size": size, "repeats": repeats}
+    gpu = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "none"
+    print(f"machine: {machine()}; GPU {gpu}; commit {commit()}; size {size}px, batch 2, {repeats} repeats")
+    results: dict = {"machine": machine(), "gpu": gpu, "device": DEVICE, "commit": commit(), "size": size,
+                     "repeats": repeats, "amp": str(tinyseg_amp(DEVICE))}
     for backbone in backbones:
         results[f"train_{backbone}"] = side_by_side(
-            f"train {backbone} (images/s)", lambda: reference_train(backbone, size, steps),
-            lambda: tinyseg_train(backbone, size, steps), repeats)
-    ref_rss, our_rss = [], []
+            f"train {backbone} (images/s)",
+            lambda: track_gpu_peak(f"reference {backbone}", lambda: reference_train(backbone, size, steps)),
+            lambda: track_gpu_peak(f"tinyseg {backbone}", lambda: tinyseg_train(backbone, size, steps)), repeats)
+    ref_rss, our_rss, ref_gpu, our_gpu = [], [], [], []
 
     def ref_predict():
-        speed, rss = in_fresh_process(reference_predict, "resnet50", size, count)
+        speed, rss, gpu_mib = in_fresh_process(reference_predict, "resnet50", size, count, DEVICE)
         ref_rss.append(rss)
+        ref_gpu.append(gpu_mib)
         return speed
 
     def our_predict():
-        speed, rss = in_fresh_process(tinyseg_predict, "resnet50", size, count)
+        speed, rss, gpu_mib = in_fresh_process(tinyseg_predict, "resnet50", size, count, DEVICE)
         our_rss.append(rss)
+        our_gpu.append(gpu_mib)
         return speed
 
     results["predict_resnet50"] = side_by_side("predict to submission (images/s)", ref_predict, our_predict, repeats)
@@ -270,6 +323,12 @@ def main() -> int:
                     "eval_ratio": results["evaluate"]["ratio"], "rss_ratio": rss_ratio,
                     "rss_mib": {"reference": statistics.median(ref_rss) / 1024, "tinyseg": statistics.median(our_rss) / 1024},
                     "eval_identical": True})
+    if DEVICE.startswith("cuda"):
+        results["train_gpu_peak_mib"] = TRAIN_GPU_PEAK_MIB
+        print("peak GPU memory of training (MiB):", ", ".join(f"{k} {v:.0f}" for k, v in TRAIN_GPU_PEAK_MIB.items()))
+        results["predict_gpu_peak_mib"] = {"reference": statistics.median(ref_gpu), "tinyseg": statistics.median(our_gpu)}
+        print(f"{'peak GPU memory of predict (MiB)':<34s} reference {statistics.median(ref_gpu):10.0f}   "
+              f"tinyseg {statistics.median(our_gpu):10.0f}")
     write_result(args.json, results)
     return 0
 

@@ -137,3 +137,14 @@ def test_ctrl_c_saves_a_resumable_checkpoint(shapes, tmp_path):
     subprocess.run(_train_cli(shapes, run_dir, f"solver.epochs={target}") + ["--resume"], check=True,
                    capture_output=True, cwd=ROOT, timeout=600)
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == target
+
+
+def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_path):
+    # 0.1 min = 6 s: far fewer than the 400 iterations that 100 epochs would take
+    config = tiny_config(shapes, tmp_path, "solver.epochs=100", "solver.warmup_iters=0", "train.max_time_min=0.1",
+                         "train.eval_every=0")
+    summary = train(config)
+    records = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert 0 < summary["iterations"] < 400 and (tmp_path / "last.pt").exists()
+    # the budgeted cosine follows wall time: the last logged rate is well below the first
+    assert records[-1]["lr"] < 0.5 * records[0]["lr"]

@@ -45,13 +45,13 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir)
         self.main = dist.is_main()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.epoch, self.iteration, self.epoch_step = 0, 0, 0
+        self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
+        self.started: float | None = None  # when fit() began; the budgeted schedule reads it
         self.data: TrainingData = build_training_data(cfg)  # every check before the first step
         self._build_model()
         self._build_loader()
         self._build_solver()
-        self.epoch, self.iteration, self.epoch_step = 0, 0, 0
-        self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
-        self.started: float | None = None  # when fit() began
         self.best: dict[str, Any] = {"segm_AP50": -1.0}
         if resume:
             self._resume()

@@ -30,12 +30,13 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
 
 @torch.no_grad()
 def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store conv and linear weights of the autocast regions in the autocast dtype.
+    """Store conv and linear weights of the autocast regions (set_precision) in the autocast dtype.
 
     Autocast casts fp32 weights on every call (its cache lives for one context), which for
     R50-FPN was 25M parameters per image. Normalisation layers stay fp32, as autocast runs them.
     """
-    regions = [m for m in model.modules() if isinstance(m, (AmpBackboneWithFPN, InferenceAmp))]
+    regions = [m for m in model.modules()
+               if isinstance(m, (AmpBackboneWithFPN, InferenceAmp)) and m.amp_dtype is not None]
     for region in regions:
         for module in region.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):

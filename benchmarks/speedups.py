@@ -1,0 +1,213 @@
+"""Each speed-up measured alone: tinyseg's settings with one of them taken out (leave-one-out).
+
+    python benchmarks/speedups.py --json benchmarks/results/speedups.json     # about 8 minutes on 2 cores
+
+Same model (R50-FPN, frozen BN, random weights), image size (512 px) and real images as throughput.py.
+Variants run in turn, `--repeats` times each (round-robin, so drifts in machine speed hit all alike);
+the table gives each variant's median and its speed relative to tinyseg's full settings. Also measured:
+the training data loader alone, with augmentation, against the model's training speed, so that a
+loader that would starve the model shows up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
+from torchvision.ops import misc as misc_ops  # noqa: E402
+
+from recipe import commit, machine, write_result  # noqa: E402
+from throughput import NUCLEI, VOC, predict_entries, timed  # noqa: E402
+from tinyseg.config import InputConfig, ModelConfig  # noqa: E402
+from tinyseg.model import build_model  # noqa: E402
+
+SIZE = 512
+TRAIN_STEPS = 3
+
+TRAIN_VARIANTS = {
+    "tinyseg": {},
+    "fp32 (no bf16 autocast)": {"amp": None},
+    "no channels_last": {"channels_last": False},
+    "torchvision FrozenBN (promotes to fp32)": {"torchvision_frozen_bn": True},
+    "loader in the main process": {"workers": 0},
+    "masks re-converted to RLE on every access": {"no_mask_cache": True},
+}
+PREDICT_VARIANTS = {
+    "tinyseg": {},
+    "fp32 (no bf16 anywhere)": {"amp": None},
+    "heads in fp32": {"heads_fp32": True},
+    "single-threaded RoIAlign": {"serial_roi_align": True},
+    "frozen BN not folded": {"no_fold": True},
+    "weights cast by autocast per call": {"no_weight_cast": True},
+    "full-size float masks pasted": {"paste_full": True},
+    "channels_last": {"channels_last": True},
+    "batch of 2 images": {"batch": 2},
+    "json.dump with indent": {"pretty_json": True},
+}
+
+
+def plain_model() -> torch.nn.Module:
+    """throughput.py's model (frozen BN, score threshold 0), before any precision or layout setting."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="resnet50", init="none", norm="frozen_bn"), 21, SIZE, 1333, score_thresh=0.0)
+
+
+# -- training ------------------------------------------------------------------------------------
+def training_loader(workers: int, no_mask_cache: bool, input_cfg: InputConfig | None = None):
+    from tinyseg.data.coco import load_coco
+    from tinyseg.data.dataset import InstanceDataset, collate
+    from tinyseg.data.presets import train_transforms
+    from tinyseg.data.samplers import TrainBatchSampler
+
+    data = load_coco(VOC / "pascal_train_sample.json")
+    dataset = InstanceDataset(data.images, VOC / "train_sample", data.categories,
+                              train_transforms(input_cfg or InputConfig(min_size=[SIZE], max_size=1333)))
+    if no_mask_cache:
+        dataset._rle_cache = _NoCache()
+    sampler = TrainBatchSampler(dataset.aspect_ratios(), 2, seed=0)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       persistent_workers=workers > 0)
+
+
+class _NoCache(dict):
+    def __setitem__(self, key, value) -> None:  # forget at once: every access converts again
+        pass
+
+
+def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=False, workers=2,
+                no_mask_cache=False) -> float:
+    from tinyseg.model import set_precision
+
+    model = plain_model().train()
+    if torchvision_frozen_bn:
+        for module in model.modules():
+            if isinstance(module, misc_ops.FrozenBatchNorm2d):
+                module.__class__ = misc_ops.FrozenBatchNorm2d
+    set_precision(model, amp, channels_last)
+    loader = training_loader(workers, no_mask_cache)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    batches = iter(_forever(loader))
+
+    def step() -> None:
+        images, targets = next(batches)
+        losses = model(list(images), list(targets))
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    step()  # warm-up
+    return TRAIN_STEPS * 2 / timed(lambda: [step() for _ in range(TRAIN_STEPS)])
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def loader_speed(input_cfg: InputConfig, batches: int = 12) -> float:
+    """Images/s of the training loader alone (2 workers), with the preset's augmentation."""
+    loader = iter(_forever(training_loader(2, False, input_cfg)))
+    next(loader)  # workers started
+    return batches * 2 / timed(lambda: [next(loader) for _ in range(batches)])
+
+
+# -- prediction ----------------------------------------------------------------------------------
+def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, no_fold=False,
+                  no_weight_cast=False, paste_full=False, channels_last=False, batch=1, pretty_json=False) -> float:
+    from tinyseg.data.coco import CategoryMap
+    from tinyseg.data.dataset import ImageListDataset
+    from tinyseg.inference.predictor import to_coco_results
+    from tinyseg.inference.submission import submission_entries
+    from tinyseg.model import set_precision
+    from tinyseg.model.build import InferenceAmp
+    from tinyseg.model.inference import cast_autocast_weights, fold_frozen_batchnorm
+
+    model = plain_model().eval()
+    if not no_fold:
+        fold_frozen_batchnorm(model.backbone.body)
+    set_precision(model, amp, channels_last)
+    if heads_fp32:
+        for module in model.modules():
+            if isinstance(module, InferenceAmp):
+                module.amp_dtype = None
+    if amp is not None and not no_weight_cast:
+        cast_autocast_weights(model, amp)
+    if serial_roi_align:
+        model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+        model.roi_heads.mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+    model.transform.paste_masks = paste_full
+    categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
+    entries = predict_entries(6)
+
+    def run() -> None:
+        results = []
+        for start in range(0, len(entries), batch):
+            loaded = [ImageListDataset([(i, f)], folder)[0] for folder, i, f in entries[start:start + batch]]
+            with torch.no_grad():
+                outputs = model([image.float().div_(255) for image, _ in loaded])
+            for output, (_, meta) in zip(outputs, loaded):
+                results += to_coco_results(output, meta["image_id"], categories, 0.5, (meta["height"], meta["width"]))
+        entries_out = submission_entries(results)
+        with tempfile.TemporaryDirectory() as scratch, open(f"{scratch}/s.json", "w") as handle:
+            json.dump(entries_out, handle, **({"indent": 2} if pretty_json else {"separators": (",", ":")}))
+
+    return len(entries) / timed(run)
+
+
+# -- the table -----------------------------------------------------------------------------------
+def measure(variants: dict, function, repeats: int, title: str) -> dict:
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, options in variants.items():
+            runs[name].append(function(**options))
+    base = statistics.median(runs["tinyseg"])
+    print(f"\n{title}\n{'variant':<44s} {'images/s':>9s} {'vs tinyseg':>10s}  runs")
+    table = {}
+    for name, values in runs.items():
+        median = statistics.median(values)
+        table[name] = {"images_per_s": median, "relative": median / base, "runs": values}
+        print(f"{name:<44s} {median:9.3f} {median / base:9.2f}x  {', '.join(f'{v:.3f}' for v in values)}", flush=True)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", choices=["train", "predict", "loader"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not VOC.exists() or not NUCLEI.exists():
+        print(f"needs the real data in {VOC.parent}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    print(f"machine: {machine()}; commit {commit()}; R50-FPN, {SIZE} px, {args.repeats} repeats")
+    results: dict = {"machine": machine(), "commit": commit(), "size": SIZE, "repeats": args.repeats}
+    if args.only in (None, "train"):
+        results["train"] = measure(TRAIN_VARIANTS, train_speed, args.repeats, "training step (batch 2)")
+    if args.only in (None, "predict"):
+        results["predict"] = measure(PREDICT_VARIANTS, predict_speed, args.repeats, "prediction to a submission")
+    if args.only in (None, "loader"):
+        presets = {"multi-scale 480-800 + flip (tinyvoc)": InputConfig(min_size=list(range(480, 801, 32)), max_size=1333),
+                   "LSJ 384 + flip + photometric (scratch-cpu)": InputConfig(lsj=True, lsj_size=384, lsj_scale=[0.5, 1.5],
+                                                                           photometric=True)}
+        results["loader"] = {name: statistics.median(loader_speed(cfg) for _ in range(args.repeats))
+                             for name, cfg in presets.items()}
+        print("\ntraining loader alone, 2 workers (images/s):")
+        for name, speed in results["loader"].items():
+            print(f"{name:<44s} {speed:9.2f}")
+    write_result(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
