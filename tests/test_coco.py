@@ -118,3 +118,21 @@ def test_recoveries_are_warnings(tmp_path):
     assert any("empty segmentation; annotation skipped" in m for m in messages)
     assert any("outside" in m and "clipped" in m for m in messages)
     assert len(data.images[0].annotations) == 1
+
+
+def test_masks_cached_up_front_are_not_converted_again(shapes, monkeypatch):
+    import tinyseg.data.dataset as dataset_module
+    from tinyseg.data.dataset import InstanceDataset
+
+    data = load_coco(shapes["train"])
+    dataset = InstanceDataset(data.images, shapes["images"], data.categories)
+    dataset.cache_masks()
+    assert len(dataset._rle_cache) == len(data.images)
+
+    def refuse(*args):
+        raise AssertionError("a cached image's polygons were converted again")
+
+    monkeypatch.setattr(dataset_module, "segmentation_to_rle", refuse)
+    image, target = dataset[0]
+    expected = sum(1 for a in data.images[0].annotations if not a.get("iscrowd", 0))
+    assert target["masks"].shape == (expected, *image.shape[-2:])

@@ -32,3 +32,18 @@ def test_duplicates_stay_on_one_side(shapes, tmp_path):
         train, val = split_records(folder, records, 0.3, seed)
         sides = {("train" if r in train else "val") for r in records if r.image_id in family}
         assert len(sides) == 1, f"seed {seed}: duplicates split across train and val"
+
+
+def test_images_checked_at_start_up_are_not_decoded_again_for_the_split(shapes, monkeypatch):
+    import tinyseg.data.images as images_module
+    from tinyseg.data.images import check_images
+
+    records = load_coco(shapes["train"]).images
+    assert check_images(shapes["images"], records, "train.json") == []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded a second time")
+
+    monkeypatch.setattr(images_module, "load_rgb", refuse)
+    train, val = split_records(shapes["images"], records, 0.25, seed=3)
+    assert len(train) + len(val) == len(records)

@@ -68,11 +68,11 @@ def _refuse_overlap(train: list[ImageRecord], train_dir: Path, val: list[ImageRe
     """An explicit val set must not share pictures (same bytes, or a near copy) with the training set."""
     import numpy as np
 
-    from .images import image_path, load_rgb
-    from .split import near_duplicate_pairs, thumbnail_signature
+    from .images import image_signature
+    from .split import near_duplicate_pairs
 
     pairs = [(r, train_dir) for r in train] + [(r, val_dir) for r in val]
-    signatures = np.stack([thumbnail_signature(load_rgb(image_path(d, r.file_name))) for r, d in pairs])
+    signatures = np.stack([image_signature(d, r.file_name) for r, d in pairs])
     digests = [content_keys(d, r)[0] for r, d in pairs]
     exact = {}
     for index, digest in enumerate(digests):

@@ -55,6 +55,12 @@ class InstanceDataset(torch.utils.data.Dataset):
                                     for a in self.instances(record)]
         return self._rle_cache[key]
 
+    def cache_masks(self) -> None:
+        """Build every image's RLEs now, in this process, so that loader workers inherit them
+        instead of each worker converting the same polygons again."""
+        for key in range(len(self.records)):
+            self.rles(key)
+
     def __getitem__(self, key: int | tuple[int, int]):
         """key: an index, or (index, epoch) from TrainBatchSampler, which makes augmentation reproducible."""
         if isinstance(key, tuple):

@@ -15,6 +15,11 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
+# path -> ((mtime_ns, size), signature): check_image fills it while it has the image open, so the
+# duplicate checks of the split (data/split.py, data/build.py) need not decode every image again.
+_SIGNATURES: dict[str, tuple[tuple[int, int], np.ndarray]] = {}
+
+
 class ImageLoadError(DatasetError):
     """An image file that is missing, unreadable or unsafe to open."""
 
@@ -67,6 +72,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def thumbnail_signature(image: Image.Image, size: int = 16) -> np.ndarray:
+    """A zero-mean, unit-length 16x16 grayscale thumbnail: near copies (re-encoded, resized) correlate ~1.
+
+    Contrast is normalised away, so dark micrographs with a few bright cells compare by where the cells
+    are, not by their shared black background. A flat image gets all zeros and matches nothing.
+    """
+    small = np.asarray(image.convert("L").resize((size, size), Image.BOX), dtype=np.float64).flatten()
+    small -= small.mean()
+    norm = np.linalg.norm(small)
+    return small / norm if norm > 1e-6 * size else np.zeros_like(small)
+
+
+def image_signature(image_dir: str | Path, file_name: str, image: Image.Image | None = None) -> np.ndarray:
+    """The thumbnail signature of an image file, computed once per version of the file."""
+    path = image_path(image_dir, file_name)
+    stat = path.stat()
+    stamp, key = (stat.st_mtime_ns, stat.st_size), str(path.resolve())
+    cached = _SIGNATURES.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    signature = thumbnail_signature(image if image is not None else load_rgb(path))
+    _SIGNATURES[key] = (stamp, signature)
+    return signature
+
+
 def check_image(image_dir: str | Path, record: ImageRecord, json_name: str,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Problem | None:
     """Open one image fully and compare its size with the JSON; a Problem or None."""
@@ -78,6 +108,7 @@ def check_image(image_dir: str | Path, record: ImageRecord, json_name: str,
     if image.size != (record.width, record.height):
         return Problem(json_name, entry, f"image on disk is {image.width}x{image.height} (after EXIF rotation),"
                        f" the JSON says {record.width}x{record.height}")
+    image_signature(image_dir, record.file_name, image)
     return None
 
 

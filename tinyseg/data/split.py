@@ -12,28 +12,15 @@ import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .coco import ImageRecord
-from .images import image_path, load_rgb
+from .images import image_path, image_signature
 
 
 def content_keys(image_dir: str | Path, record: ImageRecord) -> list[str]:
     """Exact keys: the file's bytes and its name. Near copies are found by near_duplicate_pairs."""
     path = image_path(image_dir, record.file_name)
     return [f"bytes:{hashlib.md5(path.read_bytes()).hexdigest()}", f"name:{record.file_name}"]
-
-
-def thumbnail_signature(image: Image.Image, size: int = 16) -> np.ndarray:
-    """A zero-mean, unit-length 16x16 grayscale thumbnail: near copies (re-encoded, resized) correlate ~1.
-
-    Contrast is normalised away, so dark micrographs with a few bright cells compare by where the cells
-    are, not by their shared black background. A flat image gets all zeros and matches nothing.
-    """
-    small = np.asarray(image.convert("L").resize((size, size), Image.BOX), dtype=np.float64).flatten()
-    small -= small.mean()
-    norm = np.linalg.norm(small)
-    return small / norm if norm > 1e-6 * size else np.zeros_like(small)
 
 
 def near_duplicate_pairs(signatures: np.ndarray, min_similarity: float = 0.97) -> list[tuple[int, int]]:
@@ -60,7 +47,7 @@ def duplicate_groups(image_dir: str | Path, records: list[ImageRecord]) -> list[
                 parent[find(index)] = find(owner[key])
             else:
                 owner[key] = index
-    signatures = np.stack([thumbnail_signature(load_rgb(image_path(image_dir, r.file_name))) for r in records])
+    signatures = np.stack([image_signature(image_dir, r.file_name) for r in records])
     for first, second in near_duplicate_pairs(signatures):
         parent[find(first)] = find(second)
     groups: dict[int, list[int]] = {}

@@ -85,6 +85,7 @@ class Trainer:
         self.dataset = InstanceDataset(self.data.train_records, self.data.train_image_dir, self.data.categories,
                                        train_transforms(c.input), c.input.copies, c.input.flipped_copies,
                                        c.data.max_image_pixels, c.train.seed)
+        self.dataset.cache_masks()
         factors = None
         if c.input.repeat_threshold > 0:
             labels = [[a["category_id"] for a in self.dataset.instances(r)] for r in self.data.train_records]
