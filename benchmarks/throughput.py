@@ -48,7 +48,7 @@ def tinyseg_amp(device: str):
     return resolve_amp("auto", torch.device(device))  # bf16 on CPUs that have it; fp16/bf16 on CUDA
 
 
-def build(backbone: str, size: int, reference_side: bool, device: str = "cpu"):
+def build(backbone: str, size: int, reference_side: bool, device: str = "cpu", training: bool = True):
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from tinyseg.model import build_model, set_precision
@@ -59,10 +59,21 @@ def build(backbone: str, size: int, reference_side: bool, device: str = "cpu"):
                         21, size, 1333, score_thresh=0.0)
     if reference_side:  # the tutorial model resizes inside, in training too
         model.transform = GeneralizedRCNNTransform(size, 1333, model.transform.image_mean, model.transform.image_std)
-    else:
+    elif training:  # what the trainer sets; prediction gets prepare_for_inference instead
         set_precision(model, tinyseg_amp(device), True)
     torch.backends.cudnn.benchmark = not reference_side
     return model.to(device)
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. Linux keeps ru_maxrss across exec, so a spawned child would
+    report its parent's peak at fork time; VmHWM belongs to the child's own address space."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def synchronize(device: str) -> None:
@@ -163,7 +174,7 @@ def reference_predict(backbone: str, size: int, count: int, device: str = "cpu")
                 reference.predict_to_file(model, [(i, f) for d, i, f in entries if d == folder], folder,
                                           f"{scratch}/{Path(folder).name}.json", device=device)
         seconds = timed(run)
-    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, gpu_peak_mib(device)
+    return len(entries) / seconds, peak_rss_kib(), gpu_peak_mib(device)
 
 
 def tinyseg_predict(backbone: str, size: int, count: int, device: str = "cpu") -> tuple[float, int, float]:
@@ -177,7 +188,7 @@ def tinyseg_predict(backbone: str, size: int, count: int, device: str = "cpu") -
     DEVICE = device
     cpu = device == "cpu"
     # what `tinyseg predict` does (inference/predictor.py::load_model, inference/run.py::run_predict)
-    model = prepare_for_inference(build(backbone, size, False, device), tinyseg_amp(device), not cpu)
+    model = prepare_for_inference(build(backbone, size, False, device, training=False), tinyseg_amp(device), True)
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(count)
     with tempfile.TemporaryDirectory() as scratch:
@@ -189,9 +200,8 @@ def tinyseg_predict(backbone: str, size: int, count: int, device: str = "cpu") -
                 write_submission(f"{scratch}/{Path(folder).name}.json", found.results)
         seconds = timed(run)
     # On a CPU tinyseg predicts in-process (no loader workers), as the reference does, so both sides
-    # count their own process only. (RUSAGE_CHILDREN would add a 430 MB process that `import torch`
-    # forks and reaps before either job starts.)
-    return len(entries) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, gpu_peak_mib(device)
+    # count their own process only. (On CUDA the loader workers' memory is not counted.)
+    return len(entries) / seconds, peak_rss_kib(), gpu_peak_mib(device)
 
 
 def _child(queue, function, args) -> None:

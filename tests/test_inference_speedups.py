@@ -118,3 +118,15 @@ def test_results_from_mask_probs_equal_results_from_pasted_masks():
     expected = to_coco_results(pasted, 5, categories, 0.5)
     assert len(expected) > 0
     assert to_coco_results(unpasted, 5, categories, 0.5, (100, 130)) == expected
+
+
+def test_amp_choice_reaches_the_loaded_model(trained_run):
+    from tinyseg.inference.predictor import load_model
+
+    checkpoint = str(trained_run["run_dir"] / "best.pt")
+    fp32 = load_model(checkpoint, "cpu", amp="none").model
+    assert fp32.roi_heads.box_head.amp_dtype is None
+    assert fp32.roi_heads.box_head.fc6.weight.dtype == torch.float32
+    bf16 = load_model(checkpoint, "cpu", amp="bf16").model
+    assert bf16.roi_heads.box_head.amp_dtype == torch.bfloat16
+    assert bf16.roi_heads.box_head.fc6.weight.dtype == torch.bfloat16

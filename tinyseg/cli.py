@@ -13,6 +13,8 @@ log = logging.getLogger("tinyseg")
 
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default=None,
+                        help="inference precision (default: the run's train.amp; auto = bf16 on capable CPUs, fp16 on CUDA)")
     parser.add_argument("--score-thresh", type=float, default=None, help="keep detections above this (default 0.01)")
     parser.add_argument("--max-detections", type=int, default=None, help="per image (default 100)")
     parser.add_argument("--mask-thresh", type=float, default=None, help="mask probability cut (default 0.5)")

@@ -85,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                  args.mask_thresh)
     else:
         job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
-                         _predict_overrides(args), args.workers)
+                         _predict_overrides(args), args.workers, amp=args.amp)
         found = run_predict(job)
     from .engine import distributed as dist
 
@@ -114,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError("--checkpoint needs --image-dir")
         out = Path(args.output or "evaluation.json")
         job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
-                         args.device, _predict_overrides(args), args.workers)
+                         args.device, _predict_overrides(args), args.workers, amp=args.amp)
         detections = run_predict(job).results
         from .engine import distributed as dist
 

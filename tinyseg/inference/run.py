@@ -28,6 +28,7 @@ class PredictJob:
     predict_overrides: dict | None = None  # PredictConfig fields; None values keep the run's setting
     num_workers: int = 2
     progress: bool = True
+    amp: str | None = None  # auto | none | bf16 | fp16; None = the run's train.amp
 
 
 def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
@@ -48,7 +49,7 @@ def run_predict(job: PredictJob) -> Predictions:
     from ..engine.precision import resolve_device
 
     device = dist.init(resolve_device(job.device))
-    loaded = load_model(job.checkpoint, str(device), job.predict_overrides)
+    loaded = load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)
     entries = image_entries(job.image_dir, job.images_json, loaded.categories)
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)

@@ -22,10 +22,17 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
     Only for a model that will not be trained again: the weights change form (not values).
     """
     fold_frozen_batchnorm(model.backbone.body)
-    set_precision(model, amp_dtype, channels_last)
+    # On CPU, channels_last sped up a folded frozen-BN R50-FPN 1.35-1.6x but slowed a GroupNorm
+    # R18-FPN (nuclei val evaluate, back to back: 59 s vs 47 s): GroupNorm is slow channels-last on CPU.
+    has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    set_precision(model, amp_dtype, channels_last and not (has_group_norm and _on_cpu(model)))
     if amp_dtype is not None:
         cast_autocast_weights(model, amp_dtype)
     return model.eval()
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 @torch.no_grad()
