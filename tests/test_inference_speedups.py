@@ -64,16 +64,24 @@ def test_folding_frozen_batchnorm_keeps_the_features():
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-4)
 
 
-def test_prepared_model_finds_the_same_detections():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prepared_model_finds_the_same_detections(channels_last):
     model = frozen_bn_model()
     images = [torch.rand(3, 100, 130), torch.rand(3, 120, 90)]
     with torch.no_grad():
         expected = model(images)
-        prepare_for_inference(model, None, False)
+        prepare_for_inference(model, None, channels_last)
+        assert model.backbone.channels_last == channels_last  # frozen BN folded: no GroupNorm in the way
         found = model(images)
     for a, b in zip(found, expected):
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-3, atol=1e-2)
         torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-3, atol=1e-4)
+
+
+def test_group_norm_models_skip_channels_last_on_cpu():
+    model = build_model(ModelConfig(backbone="resnet18", init="none", norm="gn", fpn_channels=32, box_head_dim=64), 4)
+    prepare_for_inference(model, None, True)
+    assert not model.backbone.channels_last
 
 
 def test_bf16_inference_keeps_heads_outputs_in_fp32():
