@@ -26,9 +26,8 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from torchvision.ops import misc as misc_ops  # noqa: E402
 
 from recipe import commit, machine, write_result  # noqa: E402
-from throughput import NUCLEI, VOC, predict_entries, timed  # noqa: E402
-from tinyseg.config import InputConfig, ModelConfig  # noqa: E402
-from tinyseg.model import build_model  # noqa: E402
+from throughput import NUCLEI, VOC, benchmark_model, predict_entries, timed  # noqa: E402
+from tinyseg.config import InputConfig  # noqa: E402
 
 SIZE = 512
 TRAIN_STEPS = 3
@@ -56,9 +55,7 @@ PREDICT_VARIANTS = {
 
 
 def plain_model() -> torch.nn.Module:
-    """throughput.py's model (frozen BN, score threshold 0), before any precision or layout setting."""
-    torch.manual_seed(0)
-    return build_model(ModelConfig(backbone="resnet50", init="none", norm="frozen_bn"), 21, SIZE, 1333, score_thresh=0.0)
+    return benchmark_model("resnet50", SIZE)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -127,8 +124,8 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
                   no_weight_cast=False, paste_full=False, channels_last=True, batch=1, pretty_json=False) -> float:
     from tinyseg.data.coco import CategoryMap
     from tinyseg.data.dataset import ImageListDataset
-    from tinyseg.inference.predictor import to_coco_results
-    from tinyseg.inference.submission import submission_entries
+    from tinyseg.inference.predictor import predict_images
+    from tinyseg.inference.submission import submission_entries, write_submission
     from tinyseg.model import set_precision
     from tinyseg.model.build import InferenceAmp
     from tinyseg.model.inference import cast_autocast_weights, fold_frozen_batchnorm
@@ -146,21 +143,20 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
     if serial_roi_align:
         model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         model.roi_heads.mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
-    model.transform.paste_masks = paste_full
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(6)
 
-    def run() -> None:
-        results = []
-        for start in range(0, len(entries), batch):
-            loaded = [ImageListDataset([(i, f)], folder)[0] for folder, i, f in entries[start:start + batch]]
-            with torch.no_grad():
-                outputs = model([image.float().div_(255) for image, _ in loaded])
-            for output, (_, meta) in zip(outputs, loaded):
-                results += to_coco_results(output, meta["image_id"], categories, 0.5, (meta["height"], meta["width"]))
-        entries_out = submission_entries(results)
-        with tempfile.TemporaryDirectory() as scratch, open(f"{scratch}/s.json", "w") as handle:
-            json.dump(entries_out, handle, **({"indent": 2} if pretty_json else {"separators": (",", ":")}))
+    def run() -> None:  # as throughput.py's tinyseg side: the library's loop, folder by folder
+        with tempfile.TemporaryDirectory() as scratch:
+            for folder in sorted({e[0] for e in entries}):
+                dataset = ImageListDataset([(i, f) for d, i, f in entries if d == folder], folder)
+                found = predict_images(model, dataset, categories, torch.device("cpu"), 0.5, batch_size=batch,
+                                       progress=False, paste_full=paste_full)
+                if pretty_json:
+                    with open(f"{scratch}/s.json", "w") as handle:
+                        json.dump(submission_entries(found.results), handle, indent=2)
+                else:
+                    write_submission(f"{scratch}/s.json", found.results)
 
     return len(entries) / timed(run)
 

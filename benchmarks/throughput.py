@@ -48,15 +48,24 @@ def tinyseg_amp(device: str):
     return resolve_amp("auto", torch.device(device))  # bf16 on CPUs that have it; fp16/bf16 on CUDA
 
 
-def build(backbone: str, size: int, reference_side: bool, device: str = "cpu", training: bool = True):
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    from tinyseg.model import build_model, set_precision
+def benchmark_model(backbone: str, size: int) -> torch.nn.Module:
+    """The model of every speed measurement, before any precision or layout setting: frozen BN (as a
+    user with ImageNet weights trains it), random weights, score threshold 0 (every image gets a full
+    set of detections to paste and encode)."""
+    from tinyseg.model import build_model
 
     torch.manual_seed(0)
-    # Same architecture on both sides: frozen BN, as a user with ImageNet weights trains it.
-    model = build_model(ModelConfig(backbone=backbone, init="none", norm="frozen_bn"),
-                        21, size, 1333, score_thresh=0.0)
+    return build_model(ModelConfig(backbone=backbone, init="none", norm="frozen_bn"), 21, size, 1333, score_thresh=0.0)
+
+
+def build(backbone: str, size: int, reference_side: bool, device: str = "cpu", training: bool = True):
+    """The benchmark model for one side: the reference resizes inside the model; tinyseg's training side
+    gets the trainer's precision settings (its prediction side gets prepare_for_inference instead)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from tinyseg.model import set_precision
+
+    model = benchmark_model(backbone, size)  # same architecture and weights on both sides
     if reference_side:  # the tutorial model resizes inside, in training too
         model.transform = GeneralizedRCNNTransform(size, 1333, model.transform.image_mean, model.transform.image_std)
     elif training:  # what the trainer sets; prediction gets prepare_for_inference instead

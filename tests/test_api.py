@@ -45,3 +45,21 @@ def test_tta_predictions_are_valid_and_close_to_plain(trained_run):
     best_plain, best_tta = plain[0], with_tta[0]
     overlap = (best_plain.mask & best_tta.mask).sum() / max(1, (best_plain.mask | best_tta.mask).sum())
     assert best_tta.category_id == best_plain.category_id and overlap > 0.7
+
+
+def test_predictor_masks_equal_torchvision_pasting(trained_run):
+    """The Predictor pastes masks straight to binary; the pixels must be torchvision's own."""
+    import torch
+
+    from tinyseg.api import _to_tensor
+
+    shapes = trained_run["shapes"]
+    test = json.loads(shapes["test"].read_text())
+    path = shapes["images"] / test["images"][0]["file_name"]
+    predictor = tinyseg.Predictor(trained_run["run_dir"] / "best.pt", device="cpu", score_thresh=0.3)
+    found = predictor(path)
+    assert found, "the trained model should find the shapes"
+    with torch.no_grad():
+        full = predictor.loaded.model([_to_tensor(path)])[0]  # paste_masks on: (N, 1, H, W) floats
+    expected = (full["masks"][:, 0] >= predictor.loaded.config.predict.mask_thresh).numpy()
+    assert np.array_equal(np.stack([instance.mask for instance in found]), expected)

@@ -72,10 +72,13 @@ def test_prepared_model_finds_the_same_detections(channels_last):
         expected = model(images)
         prepare_for_inference(model, None, channels_last)
         assert model.backbone.channels_last == channels_last  # frozen BN folded: no GroupNorm in the way
+        deconv = model.roi_heads.mask_predictor.conv5_mask.weight
+        assert deconv.is_contiguous(memory_format=torch.channels_last) == channels_last  # the heads follow
         found = model(images)
     for a, b in zip(found, expected):
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-3, atol=1e-2)
         torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-3, atol=1e-3)
 
 
 def test_group_norm_models_skip_channels_last_on_cpu():

@@ -61,21 +61,28 @@ class Predictor:
         from .inference.tta import tta_forward
 
         tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
-        p = self.loaded.config.predict
+        model, p = self.loaded.model, self.loaded.config.predict
         if p.tta:
-            outputs = tta_forward(self.loaded.model, tensors, p.tta_scales, True, p.nms_thresh, p.max_detections)
+            outputs = tta_forward(model, tensors, p.tta_scales, True, p.nms_thresh, p.max_detections)
         else:
-            outputs = self.loaded.model(tensors)
-        mask_thresh = p.mask_thresh
-        return [self._instances(output, mask_thresh) for output in outputs]
+            model.transform.paste_masks = False  # binary pasting: no (N, H, W) float masks in memory
+            try:
+                outputs = model(tensors)
+            finally:
+                model.transform.paste_masks = True
+        return [self._instances(output, p.mask_thresh, tuple(tensor.shape[-2:]))
+                for output, tensor in zip(outputs, tensors)]
 
-    def _instances(self, output: dict[str, torch.Tensor], mask_thresh: float) -> list[Instance]:
-        masks = (output["masks"][:, 0] >= mask_thresh).cpu().numpy()
+    def _instances(self, output: dict[str, torch.Tensor], mask_thresh: float,
+                   image_size: tuple[int, int]) -> list[Instance]:
+        from .inference.predictor import binary_masks
+
+        masks = binary_masks(output, mask_thresh, image_size).astype(bool)
         found = []
-        for mask, box, score, label in zip(masks, output["boxes"].tolist(), output["scores"].tolist(),
-                                           output["labels"].tolist()):
-            found.append(Instance(mask, tuple(box), float(score), self.categories.label_to_category(label),
-                                  self.categories.label_to_name(label)))
+        for index, (box, score, label) in enumerate(zip(output["boxes"].tolist(), output["scores"].tolist(),
+                                                        output["labels"].tolist())):
+            found.append(Instance(np.ascontiguousarray(masks[:, :, index]), tuple(box), float(score),
+                                  self.categories.label_to_category(label), self.categories.label_to_name(label)))
         return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -52,14 +53,18 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
     return LoadedModel(model, categories, config, target)
 
 
+def binary_masks(output: dict, mask_thresh: float, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image's masks as (H, W, N) uint8 in Fortran order: "mask_probs" pasted at image_size (H, W),
+    or torchvision's full-size "masks" (N, 1, H, W) thresholded."""
+    if "mask_probs" in output:
+        return paste_masks_binary(output["mask_probs"], output["boxes"], *image_size, mask_thresh)
+    return np.asfortranarray((output["masks"][:, 0] >= mask_thresh).cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
+
+
 def to_coco_results(output: dict, image_id: int, categories: CategoryMap, mask_thresh: float,
                     image_size: tuple[int, int] | None = None) -> list[dict]:
     """COCO results for one image's output: full-size "masks", or "mask_probs" pasted at image_size (H, W)."""
-    if "mask_probs" in output:
-        binary = paste_masks_binary(output["mask_probs"], output["boxes"], *image_size, mask_thresh)
-        rles = encode_masks(binary, channels_last=True)
-    else:
-        rles = encode_masks((output["masks"][:, 0] >= mask_thresh).cpu().numpy())
+    rles = encode_masks(binary_masks(output, mask_thresh, image_size), channels_last=True)
     boxes = output["boxes"].float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
     results = []
@@ -81,15 +86,19 @@ class Predictions:
 @torch.no_grad()
 def predict_images(model: nn.Module, dataset: ImageListDataset, categories: CategoryMap, device: torch.device,
                    mask_thresh: float, batch_size: int = 2, num_workers: int = 0, indices: list[int] | None = None,
-                   progress: bool = True, tta: PredictConfig | None = None) -> Predictions:
-    """Detections for the dataset's images (or a subset); unreadable images are reported, not fatal."""
+                   progress: bool = True, tta: PredictConfig | None = None, paste_full: bool = False) -> Predictions:
+    """Detections for the dataset's images (or a subset); unreadable images are reported, not fatal.
+
+    paste_full: paste masks the torchvision way (full-size float masks, thresholded after), only to
+    measure what binary pasting saves (benchmarks/speedups.py).
+    """
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     use_tta = tta is not None and tta.tta
-    model.transform.paste_masks = use_tta  # TTA merges masks at image scale; otherwise paste them binary
+    model.transform.paste_masks = use_tta or paste_full  # TTA merges masks at image scale; otherwise paste them binary
     found = Predictions()
     try:
         for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):

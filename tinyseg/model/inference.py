@@ -25,7 +25,15 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
     # On CPU, channels_last sped up a folded frozen-BN R50-FPN 1.35-1.6x but slowed a GroupNorm
     # R18-FPN (nuclei val evaluate, back to back: 59 s vs 47 s): GroupNorm is slow channels-last on CPU.
     has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    set_precision(model, amp_dtype, channels_last and not (has_group_norm and _on_cpu(model)))
+    channels_last = channels_last and not (has_group_norm and _on_cpu(model))
+    set_precision(model, amp_dtype, channels_last)
+    if channels_last:
+        # The conv heads too: oneDNN's bf16 kernels (the mask head's transposed conv above all: 63 ms
+        # vs 25 ms for 100 RoIs) are much faster with channels-last weights. R50-FPN, 512 px, 2 CPU
+        # cores: 1.24 -> 1.60 images/s, identical detections.
+        for head in (model.rpn.head, model.roi_heads.mask_head, model.roi_heads.mask_predictor):
+            if head is not None:
+                head.to(memory_format=torch.channels_last)
     if amp_dtype is not None:
         cast_autocast_weights(model, amp_dtype)
     return model.eval()
