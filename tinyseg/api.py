@@ -58,6 +58,7 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput]) -> list[list[Instance]]:
         """Instances for each image, in order; the images go through the network as one batch."""
+        from .inference.predictor import mask_probs_output
         from .inference.tta import tta_forward
 
         tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
@@ -65,11 +66,8 @@ class Predictor:
         if p.tta:
             outputs = tta_forward(model, tensors, p.tta_scales, True, p.nms_thresh, p.max_detections)
         else:
-            model.transform.paste_masks = False  # binary pasting: no (N, H, W) float masks in memory
-            try:
+            with mask_probs_output(model):
                 outputs = model(tensors)
-            finally:
-                model.transform.paste_masks = True
         return [self._instances(output, p.mask_thresh, tuple(tensor.shape[-2:]))
                 for output, tensor in zip(outputs, tensors)]
 
@@ -77,11 +75,11 @@ class Predictor:
                    image_size: tuple[int, int]) -> list[Instance]:
         from .inference.predictor import binary_masks
 
-        masks = binary_masks(output, mask_thresh, image_size).astype(bool)
+        masks = binary_masks(output, mask_thresh, image_size)  # (H, W, N) uint8
         found = []
         for index, (box, score, label) in enumerate(zip(output["boxes"].tolist(), output["scores"].tolist(),
                                                         output["labels"].tolist())):
-            found.append(Instance(np.ascontiguousarray(masks[:, :, index]), tuple(box), float(score),
+            found.append(Instance(np.ascontiguousarray(masks[:, :, index], dtype=bool), tuple(box), float(score),
                                   self.categories.label_to_category(label), self.categories.label_to_name(label)))
         return found
 

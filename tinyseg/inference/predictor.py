@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,17 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
     return LoadedModel(model, categories, config, target)
 
 
+@contextmanager
+def mask_probs_output(model: nn.Module, enabled: bool = True):
+    """Inside, inference outputs the mask head's small "mask_probs" for binary_masks to paste, instead
+    of torchvision's full-size float masks (100 of them at 1000 x 1000 px are 400 MB)."""
+    model.transform.paste_masks = not enabled
+    try:
+        yield model
+    finally:
+        model.transform.paste_masks = True
+
+
 def binary_masks(output: dict, mask_thresh: float, image_size: tuple[int, int] | None = None) -> np.ndarray:
     """One image's masks as (H, W, N) uint8 in Fortran order: "mask_probs" pasted at image_size (H, W),
     or torchvision's full-size "masks" (N, 1, H, W) thresholded."""
@@ -98,24 +110,24 @@ def predict_images(model: nn.Module, dataset: ImageListDataset, categories: Cate
     was_training = model.training
     model.eval()
     use_tta = tta is not None and tta.tta
-    model.transform.paste_masks = use_tta or paste_full  # TTA merges masks at image scale; otherwise paste them binary
     found = Predictions()
+    # TTA merges masks at image scale, so it needs them pasted; otherwise they are pasted binary.
     try:
-        for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
-            readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
-            found.errors += [meta["error"] for meta in metas if meta["error"]]
-            if not readable:
-                continue
-            batch = [image.to(device, non_blocking=True).float().div_(255) for image, _ in readable]
-            if use_tta:
-                outputs = tta_forward(model, batch, tta.tta_scales, True, tta.nms_thresh, tta.max_detections)
-            else:
-                outputs = model(batch)
-            for output, (_, meta) in zip(outputs, readable):
-                found.results += to_coco_results(output, meta["image_id"], categories, mask_thresh,
-                                                 (meta["height"], meta["width"]))
-                found.image_ids.append(meta["image_id"])
+        with mask_probs_output(model, enabled=not (use_tta or paste_full)):
+            for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
+                readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
+                found.errors += [meta["error"] for meta in metas if meta["error"]]
+                if not readable:
+                    continue
+                batch = [image.to(device, non_blocking=True).float().div_(255) for image, _ in readable]
+                if use_tta:
+                    outputs = tta_forward(model, batch, tta.tta_scales, True, tta.nms_thresh, tta.max_detections)
+                else:
+                    outputs = model(batch)
+                for output, (_, meta) in zip(outputs, readable):
+                    found.results += to_coco_results(output, meta["image_id"], categories, mask_thresh,
+                                                     (meta["height"], meta["width"]))
+                    found.image_ids.append(meta["image_id"])
     finally:
-        model.transform.paste_masks = True
         model.train(was_training)
     return found
