@@ -1,5 +1,6 @@
 """Training really learns, resumes exactly, and refuses what it must refuse."""
 
+import logging
 import math
 import os
 import signal
@@ -148,3 +149,16 @@ def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_pat
     assert 0 < summary["iterations"] < 400 and (tmp_path / "last.pt").exists()
     # the budgeted cosine follows wall time: the last logged rate is well below the first
     assert records[-1]["lr"] < 0.5 * records[0]["lr"]
+
+
+def test_a_warm_up_longer_than_half_the_run_is_flagged(shapes, tmp_path, caplog):
+    config = tiny_config(shapes, tmp_path, "solver.max_iters=2", "solver.warmup_iters=10", "train.eval_every=0")
+    with caplog.at_level(logging.WARNING, logger="tinyseg"):
+        train(config)
+    assert "solver.warmup_iters=10 is over half of the 2 iterations" in caplog.text
+    caplog.clear()
+    config = tiny_config(shapes, tmp_path / "short", "solver.max_iters=2", "solver.warmup_iters=1",
+                         "train.eval_every=0")
+    with caplog.at_level(logging.WARNING, logger="tinyseg"):
+        train(config)
+    assert "warmup_iters" not in caplog.text
