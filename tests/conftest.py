@@ -68,3 +68,22 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600):
     if check and result.returncode != 0:
         raise AssertionError(f"tinyseg {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def with_duplicates(shapes, folder: Path):
+    """The shapes training records and images copied to folder, plus a byte copy (id 1001) and a re-encoded
+    JPEG (id 1002) of the first image: (records, the ids of that family)."""
+    import shutil
+
+    from PIL import Image
+
+    from tinyseg.data.coco import ImageRecord, load_coco
+
+    records = list(load_coco(shapes["train"]).images)
+    shutil.copytree(shapes["images"], folder)
+    original = records[0]
+    shutil.copy(folder / original.file_name, folder / "copy.png")
+    Image.open(folder / original.file_name).convert("RGB").save(folder / "reencoded.jpg", quality=92)
+    records += [ImageRecord(1001, "copy.png", original.height, original.width),
+                ImageRecord(1002, "reencoded.jpg", original.height, original.width)]
+    return records, {original.image_id, 1001, 1002}

@@ -8,6 +8,8 @@ from PIL import Image
 
 import tinyseg
 
+from conftest import run_cli
+
 
 def test_predictor_accepts_paths_pil_and_arrays(trained_run):
     shapes = trained_run["shapes"]
@@ -27,12 +29,18 @@ def test_predictor_accepts_paths_pil_and_arrays(trained_run):
     assert [i.score for i in batch[1]] == pytest.approx([i.score for i in from_path], abs=1e-3)
 
 
-def test_evaluate_api_matches_cli_scoring(trained_run):
+def test_evaluate_api_matches_cli_scoring(trained_run, tmp_path):
     shapes = trained_run["shapes"]
     by_checkpoint = tinyseg.evaluate(shapes["test_gt"], checkpoint=trained_run["run_dir"] / "best.pt",
                                      image_dir=shapes["images"], device="cpu")
     assert by_checkpoint["segm"]["stats"]["AP50"] > 0
     assert set(by_checkpoint["segm"]["per_class_AP50"]) == {"circle", "square", "triangle"}
+    scored = tmp_path / "cli.json"
+    run_cli("evaluate", "--gt", str(shapes["test_gt"]), "--checkpoint", str(trained_run["run_dir"] / "best.pt"),
+            "--image-dir", str(shapes["images"]), "--device", "cpu", "--output", str(scored))
+    by_cli = json.loads(scored.read_text())
+    for iou_type in ("segm", "bbox"):
+        assert by_cli[iou_type]["stats"] == pytest.approx(by_checkpoint[iou_type]["stats"], abs=1e-12)
 
 
 def test_tta_predictions_are_valid_and_close_to_plain(trained_run):
@@ -63,3 +71,23 @@ def test_predictor_masks_equal_torchvision_pasting(trained_run):
         full = predictor.loaded.model([_to_tensor(path)])[0]  # paste_masks on: (N, 1, H, W) floats
     expected = (full["masks"][:, 0] >= predictor.loaded.config.predict.mask_thresh).numpy()
     assert np.array_equal(np.stack([instance.mask for instance in found]), expected)
+
+
+def test_tta_scales_run_each_extra_scale_and_restore_the_model(trained_run):
+    from tinyseg.data.dataset import ImageListDataset
+    from tinyseg.inference.predictor import load_model, predict_images
+
+    shapes = trained_run["shapes"]
+    test = json.loads(shapes["test"].read_text())
+    dataset = ImageListDataset([(i["id"], i["file_name"]) for i in test["images"][:1]], shapes["images"])
+    heights = {}
+    for scales in ([], [160]):
+        loaded = load_model(str(trained_run["run_dir"] / "best.pt"), "cpu", {"tta": True, "tta_scales": scales})
+        seen = []
+        loaded.model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2]))
+        found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, 0.5, 1, progress=False,
+                               tta=loaded.config.predict)
+        heights[tuple(scales)] = sorted(set(seen))
+        assert found.results and loaded.model.transform.min_size == (96,)
+    # Flip only: every view at the test size. With a 160 px scale, a second, larger input size appears.
+    assert len(heights[()]) == 1 and len(heights[(160,)]) == 2 and heights[(160,)][1] > heights[()][0]

@@ -85,6 +85,19 @@ BAD = {
     "absolute": (_coco(images=[{"id": 1, "file_name": "/etc/passwd", "height": 10, "width": 10}]), "leaves the image"),
     "no size": (_coco(images=[{"id": 1, "file_name": "a.png"}]), "height and width"),
     "missing images": ({"annotations": [], "categories": []}, "images: missing"),
+    "list image_id": (_coco(annotations=_annotation(image_id=[1])), "'image_id' must be an integer, got list"),
+    "dict category_id": (_coco(annotations=_annotation(category_id={"id": 1})), "'category_id' must be an integer"),
+    "list annotation id": (_coco(annotations=_annotation(id=[1])), "'id' must be an integer, got list"),
+    "list image id": (_coco(images=[{"id": [1], "file_name": "a.png", "height": 10, "width": 10}]),
+                      "needs an integer 'id'"),
+    "string counts list": (_coco(annotations=_annotation(segmentation={"size": [10, 10], "counts": ["50", "50"]})),
+                           "non-negative integers"),
+    "negative counts": (_coco(annotations=_annotation(segmentation={"size": [10, 10], "counts": [150, -50]})),
+                        "non-negative integers"),
+    "garbage compressed counts": (_coco(annotations=_annotation(segmentation={"size": [10, 10], "counts": "zzzz~~~~"})),
+                                  "not a valid COCO RLE string"),
+    "short compressed counts": (_coco(annotations=_annotation(segmentation={"size": [10, 10], "counts": "25"})),
+                                "compressed RLE counts sum to"),
 }
 
 
@@ -136,3 +149,48 @@ def test_masks_cached_up_front_are_not_converted_again(shapes, monkeypatch):
     image, target = dataset[0]
     expected = sum(1 for a in data.images[0].annotations if not a.get("iscrowd", 0))
     assert target["masks"].shape == (expected, *image.shape[-2:])
+
+
+def test_compressed_counts_parser_agrees_with_pycocotools():
+    from tinyseg.data.coco import compressed_rle_counts
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = np.asfortranarray((rng.random((23, 31)) > 0.7).astype(np.uint8))
+        encoded = mask_utils.encode(mask)
+        runs = compressed_rle_counts(encoded["counts"].decode())
+        assert sum(runs) == 23 * 31 and min(runs) >= 0
+        # Re-encoding the parsed runs gives back pycocotools' string.
+        assert mask_utils.frPyObjects({"size": [23, 31], "counts": runs}, 23, 31)["counts"] == encoded["counts"]
+
+
+def test_garbage_rle_is_refused_before_training_not_in_the_first_batch(shapes, tmp_path):
+    from conftest import run_cli
+
+    data = json.loads(shapes["train"].read_text())
+    image = data["images"][0]
+    data["annotations"][0]["segmentation"] = {"size": [image["height"], image["width"]], "counts": "zzzz~~~~"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    check = run_cli("check-data", str(bad), str(shapes["images"]), check=False)
+    assert check.returncode == 1 and "annotations[0]" in check.stdout and "RLE" in check.stdout
+    train = run_cli("train", "--config", "demo", "--train-json", str(bad), "--image-dir", str(shapes["images"]),
+                    "--output-dir", str(tmp_path / "run"), check=False)
+    assert train.returncode == 1 and "annotations[0]" in train.stderr and "Traceback" not in train.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_categories_without_instances_are_listed(tmp_path):
+    content = _coco(categories=[{"id": 1, "name": "thing"}, {"id": 4, "name": "ghost"}, {"id": 9, "name": "crowd"}])
+    content["annotations"].append({**_annotation()[0], "id": 2, "category_id": 9, "iscrowd": 1})
+    path = tmp_path / "cats.json"
+    path.write_text(json.dumps(content))
+    data, problems = inspect_coco(path)
+    warnings = [p for p in problems if "no (non-crowd) instance" in p.message]
+    assert len(warnings) == 1 and warnings[0].severity == "warning"
+    assert "2 of 3 categories" in warnings[0].message and "4 ghost" in warnings[0].message
+    assert "9 crowd" in warnings[0].message and "1 thing" not in warnings[0].message
+    from tinyseg.data.report import check_dataset
+
+    report, usable = check_dataset(str(path), str(tmp_path), 10**8)
+    assert "1 warning" in report and "4 ghost" in report

@@ -121,8 +121,10 @@ def test_a_dead_rank_ends_the_job_and_resume_works(shapes, tmp_path):
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)
     started = time.time()
-    _, stderr = process.communicate(timeout=180)
-    assert process.returncode != 0 and time.time() - started < 120
+    # The collective timeout is 60 s; the bound only has to tell "ended" from "hung for good", so it
+    # leaves room for a loaded 2-core machine (the job ended about 65 s after the kill on an idle one).
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and time.time() - started < 240
     epoch = load_checkpoint(run_dir / "last.pt")["epoch"]
     assert 1 <= epoch < 40
     run(torchrun(2, *train_args(shapes, run_dir, 2, f"solver.epochs={epoch + 1}")) + ["--resume"])

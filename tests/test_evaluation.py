@@ -65,3 +65,50 @@ def test_no_detections_scores_zero(trained_run):
     gt = json.loads(trained_run["shapes"]["test_gt"].read_text())
     result = evaluate_detections(gt, [], ("segm",))
     assert result["segm"]["stats"]["AP50"] == 0.0
+
+
+def _square_gt(with_ids):
+    from pycocotools import mask as mask_utils
+
+    masks = np.zeros((2, 20, 20), dtype=np.uint8)
+    masks[0, 2:8, 2:8] = 1
+    masks[1, 12:18, 12:18] = 1
+    rles = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
+    segmentations = [{"size": [20, 20], "counts": r["counts"].decode()} for r in rles]
+    annotations = [{"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": s} for s in segmentations]
+    for annotation, given in zip(annotations, with_ids):
+        if given is not None:
+            annotation["id"] = given
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}], "annotations": annotations,
+          "categories": [{"id": 1, "name": "thing"}]}
+    detections = [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": s} for s in segmentations]
+    return gt, detections
+
+
+def test_annotations_without_id_never_collide_with_given_ids():
+    # The second object's given id 1 equals index + 1 of the first, which has none.
+    gt, detections = _square_gt([None, 1])
+    stats = evaluate_detections(gt, detections, ("segm",))["segm"]["stats"]
+    assert stats["AP50"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
+
+
+def test_detections_for_unknown_images_are_refused():
+    from tinyseg.evaluation.coco_eval import UnknownImagesError
+
+    gt, detections = _square_gt([1, 2])
+    stray = [{**d, "image_id": 77} for d in detections]
+    with pytest.raises(UnknownImagesError, match="2 detection.*1 image id.*first: 77"):
+        evaluate_detections(gt, detections + stray, ("segm",))
+    subset = evaluate_detections(gt, detections + stray, ("segm",), allow_subset=True)
+    assert subset["segm"]["stats"]["AP50"] == pytest.approx(1.0)
+
+
+def test_cli_evaluate_refuses_a_results_file_for_other_images(tmp_path):
+    from conftest import run_cli
+
+    gt, detections = _square_gt([1, 2])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps([{**d, "image_id": 5} for d in detections]))
+    result = run_cli("evaluate", "--gt", str(tmp_path / "gt.json"), "--detections", str(tmp_path / "dt.json"),
+                     check=False)
+    assert result.returncode == 1 and "image id" in result.stderr and "Traceback" not in result.stderr

@@ -70,4 +70,18 @@ def test_names_leaving_the_folder_are_refused(tmp_path):
     for name in ("../secret.png", "/etc/passwd", "a/../../b.png"):
         with pytest.raises(ImageLoadError, match="refused"):
             image_path(tmp_path / "inside", name)
-    assert image_path(tmp_path / "inside", "sub/ok.png") == (tmp_path / "inside" / "sub" / "ok.png").resolve()
+    assert image_path(tmp_path / "inside", "sub/ok.png") == tmp_path / "inside" / "sub" / "ok.png"
+
+
+def test_symlinked_images_are_followed_but_names_stay_inside(tmp_path):
+    elsewhere = tmp_path / "other_disk"
+    elsewhere.mkdir()
+    _save(elsewhere / "real.png", Image.new("RGB", (8, 6)))
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    (farm / "a.png").symlink_to(elsewhere / "real.png")
+    (farm / "sub").symlink_to(elsewhere, target_is_directory=True)
+    assert load_rgb(image_path(farm, "a.png")).size == (8, 6)
+    assert load_rgb(image_path(farm, "sub/real.png")).size == (8, 6)
+    with pytest.raises(ImageLoadError, match="leaves the image folder"):
+        image_path(farm, "../other_disk/real.png")

@@ -40,13 +40,15 @@ def test_wrong_weights_file_is_refused(tmp_path):
 
 
 def test_imagenet_without_network_fails_at_once_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    import torchvision.models._api
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torchvision's weights API holds its own reference to torch.hub.load_state_dict_from_url; patching
+    # torch.hub alone would leave a machine with network downloading. The hub folder is put back after.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     with pytest.raises(BackboneWeightsError) as error:
         build_model(ModelConfig(backbone="resnet50", init="imagenet"), 3)
     message = str(error.value)

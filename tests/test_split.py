@@ -1,7 +1,3 @@
-import shutil
-
-from PIL import Image
-
 from tinyseg.data.coco import load_coco
 from tinyseg.data.split import split_records
 
@@ -17,17 +13,10 @@ def test_split_is_seeded_and_disjoint(shapes):
 
 def test_duplicates_stay_on_one_side(shapes, tmp_path):
     """Copies of an image under new ids (byte copy and re-encoded JPEG) never straddle the split."""
-    from tinyseg.data.coco import ImageRecord
+    from conftest import with_duplicates
 
-    records = list(load_coco(shapes["train"]).images)
     folder = tmp_path / "images"
-    shutil.copytree(shapes["images"], folder)
-    original = records[0]
-    shutil.copy(folder / original.file_name, folder / "copy.png")
-    Image.open(folder / original.file_name).convert("RGB").save(folder / "reencoded.jpg", quality=92)
-    records += [ImageRecord(1001, "copy.png", original.height, original.width),
-                ImageRecord(1002, "reencoded.jpg", original.height, original.width)]
-    family = {original.image_id, 1001, 1002}
+    records, family = with_duplicates(shapes, folder)
     for seed in range(8):
         train, val = split_records(folder, records, 0.3, seed)
         sides = {("train" if r in train else "val") for r in records if r.image_id in family}

@@ -100,21 +100,51 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
 def train(config: Config | str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides.
 
-    Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}.
+    Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}; with
+    data.folds > 0 it cross-validates as `tinyseg train --folds K` does and returns `cross_validate`'s summary.
     """
     from .engine.trainer import train as run_training
 
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    if config.data.folds:
+        return cross_validate(config, resume=resume)
     return run_training(config, resume=resume)
+
+
+def cross_validate(config: Config | str | None = None, overrides: list[str] | None = None, folds: int | None = None,
+                   resume: bool = False) -> dict[str, Any]:
+    """k-fold cross-validation like `tinyseg train --folds K` (folds=None keeps the config's data.folds).
+
+    Returns cv_summary.json's content: "per_fold" (each fold's segm/bbox AP50 and AP, its val image ids and
+    run directory), "mean", "std" (sample, K - 1), "min", "max" per metric, and "folds" (K). Under torchrun,
+    ranks other than 0 get None.
+    """
+    from .engine.cv import cross_validate as run_cv
+
+    if not isinstance(config, Config):
+        config = load_config(config, list(overrides or []) + ([f"data.folds={folds}"] if folds is not None else []))
+    elif folds is not None:
+        import copy
+
+        config = copy.deepcopy(config)
+        config.data.folds = folds
+    if config.data.folds < 2:
+        from .config import ConfigError
+
+        raise ConfigError(f"cross-validation needs folds >= 2 (data.folds or folds=), got {config.data.folds}")
+    return run_cv(config, resume=resume)
 
 
 def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, checkpoint: str | Path | None = None,
              image_dir: str | Path | None = None, iou_types: Sequence[str] = ("segm", "bbox"),
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", allow_subset: bool = False, ci_resamples: int | None = None,
+             ci_level: float | None = None, ci_seed: int | None = None) -> dict[str, Any]:
     """COCO AP like `tinyseg evaluate`: of a detections file/list, or of a checkpoint's predictions on image_dir.
 
-    Returns per IoU type {"stats": {"AP", "AP50", ...}, "summary": [12 lines], "per_class_AP50": {...}}.
+    Returns per IoU type {"stats": {"AP", "AP50", ...}, "summary": [12 lines], "per_class_AP50": {...}}, and
+    "ci" (bootstrap intervals over images for AP, AP50, per-class AP50) unless ci_resamples=0; the ci_ settings
+    default to the config's `eval` section.
     """
     import tempfile
 
@@ -131,4 +161,22 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
             detections = run_predict(job).results
     if isinstance(detections, Path):
         detections = str(detections)
-    return run_evaluate(str(gt), detections, tuple(iou_types))
+    from .config import EvalConfig
+
+    resamples = EvalConfig().ci_resamples if ci_resamples is None else ci_resamples
+    return run_evaluate(str(gt), detections, tuple(iou_types), allow_subset=allow_subset, ci_resamples=resamples,
+                        ci_level=ci_level, ci_seed=ci_seed)
+
+
+def compare(gt: str | Path, a: str | Path | list[dict], b: str | Path | list[dict], iou_type: str = "segm",
+            resamples: int | None = None, level: float | None = None, seed: int | None = None,
+            allow_subset: bool = False) -> dict[str, Any]:
+    """Like `tinyseg compare`: detections B against A (files or lists) on the images of gt, by paired bootstrap.
+
+    Returns {"AP", "AP50", "per_class_AP50": {name: ...}, "method", "resamples", "level", "seed", "images", ...};
+    each comparison holds "A", "B", "difference" (B - A), "interval", "share_B_better", "verdict" (better |
+    worse | no difference) and "text" ("B is better by 0.031 AP50, 95% interval 0.008 to 0.054").
+    """
+    from .evaluation.compare import compare_files
+
+    return compare_files(gt, a, b, iou_type, resamples, level, seed, allow_subset)

@@ -25,6 +25,40 @@ def _add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-scales", type=int, nargs="*", default=None, help="extra test short sides for --tta")
 
 
+def _add_ci_options(parser: argparse.ArgumentParser, switch: bool = True) -> None:
+    from .config import EvalConfig
+
+    if switch:
+        parser.add_argument("--ci", action=argparse.BooleanOptionalAction, default=EvalConfig.ci_resamples > 0,
+                            help="intervals for AP, AP50 and per-class AP50 by bootstrap over images"
+                                 f" (default {'on' if EvalConfig.ci_resamples > 0 else 'off'})")
+    parser.add_argument("--resamples", type=int, default=EvalConfig.ci_resamples,
+                        help=f"bootstrap resamples (default {EvalConfig.ci_resamples})")
+    parser.add_argument("--ci-level", type=float, default=EvalConfig.ci_level,
+                        help=f"interval level (default {EvalConfig.ci_level})")
+    parser.add_argument("--ci-seed", type=int, default=EvalConfig.ci_seed,
+                        help=f"seed of the resamples (default {EvalConfig.ci_seed})")
+
+
+def _add_format_option(parser: argparse.ArgumentParser) -> None:
+    from .config import CHOICES, DataConfig
+
+    parser.add_argument("--format", choices=CHOICES[("data", "format")], default=None,
+                        help=f"the labels' format (default {DataConfig.format}: told by the layout; docs/formats.md)")
+
+
+def _add_convert_parser(verbs) -> None:
+    convert = verbs.add_parser("convert", help="labelme / YOLO / VOC labels to COCO JSON, or COCO to YOLO")
+    convert.add_argument("src", help="a labelme folder, a YOLO dataset YAML, a VOC folder, or a COCO JSON")
+    convert.add_argument("--output", required=True, help="the COCO JSON to write, or the YOLO folder (--to yolo)")
+    _add_format_option(convert)
+    convert.add_argument("--to", choices=("coco", "yolo"), default="coco")
+    convert.add_argument("--image-dir", default="", help="the images of a COCO SRC")
+    convert.add_argument("--split", default="", help="YOLO: the YAML's split (default train); VOC: an ImageSets list")
+    convert.add_argument("--crowd-rle-as-instances", action="store_true",
+                         help="read iscrowd=1 RLE masks as objects (CVAT writes every brush mask as a crowd)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyseg", description="Mask R-CNN instance segmentation for small datasets")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -32,22 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="train a model; writes a run directory")
     train.add_argument("--config", default="default", help="a preset name or a YAML path (default: default)")
-    train.add_argument("--train-json")
-    train.add_argument("--image-dir")
+    train.add_argument("--train-json", help="COCO JSON, or a labelme folder, a YOLO dataset YAML, a VOC folder")
+    train.add_argument("--image-dir", help="the images of a COCO --train-json (the other formats know theirs)")
     train.add_argument("--val-json")
     train.add_argument("--val-image-dir")
     train.add_argument("--output-dir")
+    _add_format_option(train)
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from last.pt")
     train.add_argument("--devices", type=int, default=0, help="launch this many processes with torchrun")
+    from .config import DataConfig
+
+    train.add_argument("--folds", type=int, default=None,
+                       help="k-fold cross-validation of --train-json: K runs in OUTPUT_DIR/fold_<i>, scores in"
+                            f" OUTPUT_DIR/cv_summary.json (sets data.folds; default {DataConfig.folds} = off)")
     train.add_argument("overrides", nargs="*", help="section.key=value (e.g. solver.lr=0.01 model.backbone=resnet101)")
 
     evaluate = verbs.add_parser("evaluate", help="COCO bbox/segm AP of a detections file, or of a checkpoint")
-    evaluate.add_argument("--gt", required=True, help="ground-truth COCO JSON")
+    evaluate.add_argument("--gt", required=True, help="ground truth: COCO JSON, or labelme / YOLO (its val) / VOC")
+    _add_format_option(evaluate)
     evaluate.add_argument("--detections", help="a submission/results JSON to score")
     evaluate.add_argument("--checkpoint", help="predict with this checkpoint, then score")
     evaluate.add_argument("--image-dir", help="images of --gt (with --checkpoint)")
     evaluate.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both")
     evaluate.add_argument("--output", help="write the metrics as JSON here")
+    evaluate.add_argument("--allow-subset", action="store_true",
+                          help="score only the detections of images in --gt (others are an error by default)")
+    _add_ci_options(evaluate)
     _add_predict_options(evaluate)
 
     predict = verbs.add_parser("predict", help="write a submission JSON for a folder of images")
@@ -80,13 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="default: the checkpoint's name with .onnx")
     export.add_argument("--opset", type=int, default=17)
 
+    compare = verbs.add_parser("compare", help="B - A in AP/AP50 (per class too) of two detection files on the"
+                                               " same images, with a paired bootstrap interval")
+    compare.add_argument("--gt", required=True, help="ground truth of the images both files are for")
+    _add_format_option(compare)
+    compare.add_argument("a", help="detections of model A (a submission/results JSON)")
+    compare.add_argument("b", help="detections of model B")
+    compare.add_argument("--iou-type", choices=("segm", "bbox"), default="segm")
+    compare.add_argument("--output", help="write the comparison as JSON here")
+    compare.add_argument("--allow-subset", action="store_true", help="drop detections of images not in --gt")
+    _add_ci_options(compare, switch=False)
+
     report = verbs.add_parser("report", help="(re)build the training report (plots, report.html) of a run")
     report.add_argument("run_dir")
 
     check = verbs.add_parser("check-data", help="check a COCO dataset and its images without training")
-    check.add_argument("json")
-    check.add_argument("image_dir")
+    check.add_argument("json", help="COCO JSON, or a labelme folder, a YOLO dataset YAML, a VOC folder")
+    check.add_argument("image_dir", nargs="?", default="", help="the images of a COCO file")
+    _add_format_option(check)
     check.add_argument("--max-image-pixels", type=int, default=40_000_000)
+
+    _add_convert_parser(verbs)
 
     demo = verbs.add_parser("demo", help="make a small dataset, train from scratch, evaluate, predict, draw")
     demo.add_argument("--output-dir", default="demo_out")
@@ -105,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         build_parser().print_help()
         return 2
-    from .commands import run_verb, user_errors
+    from .commands import error_exit_code, run_verb, user_errors
 
     try:
         return run_verb(args)
     except user_errors() as error:
         print(f"tinyseg {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+        return error_exit_code(error)
     except KeyboardInterrupt:
         print(f"tinyseg {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
             FileNotFoundError, UsageError)
 
 
+def error_exit_code(error: BaseException) -> int:
+    """1 for bad data (a file, an entry, a field), 2 for a command line or config that cannot be used."""
+    from .data.coco import DatasetError
+
+    return 1 if isinstance(error, (DatasetError, FileNotFoundError)) else 2
+
+
 class UsageError(ValueError):
     """Arguments that do not go together."""
 
@@ -33,7 +40,8 @@ def run_verb(args: argparse.Namespace) -> int:
 
     verb = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "validate-submission": cmd_validate, "visualize": cmd_visualize, "check-data": cmd_check_data,
-            "demo": cmd_demo, "export": cmd_export, "report": cmd_report}[args.verb]
+            "demo": cmd_demo, "export": cmd_export, "report": cmd_report, "convert": cmd_convert,
+            "compare": cmd_compare}[args.verb]
     try:
         return verb(args)
     finally:
@@ -46,6 +54,10 @@ def train_config(args: argparse.Namespace):
     paths = {"data.train_json": args.train_json, "data.image_dir": args.image_dir, "data.val_json": args.val_json,
              "data.val_image_dir": args.val_image_dir, "train.output_dir": args.output_dir}
     given = [f"{key}={json.dumps(value)}" for key, value in paths.items() if value]
+    if getattr(args, "folds", None) is not None:
+        given.append(f"data.folds={args.folds}")
+    if getattr(args, "format", None):
+        given.append(f"data.format={args.format}")
     return load_config(args.config, given + list(args.overrides))
 
 
@@ -57,6 +69,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.devices > 1 and not launched_by_torchrun():
         return launch_torchrun(sys.argv[1:], args.devices)
     config = train_config(args)
+    if config.data.folds:
+        from .engine.cv import cross_validate
+
+        cross_validate(config, resume=args.resume)
+        return 0
     summary = train(config, resume=args.resume)
     log.info("done: %d epochs, %d iterations; best %s; run in %s", summary["epochs"], summary["iterations"],
              _short(summary["best"]), summary["run_dir"])
@@ -109,21 +126,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if bool(args.detections) == bool(args.checkpoint):
         raise UsageError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
     detections = args.detections
+    fmt = args.format or "auto"
     if args.checkpoint:
-        if not args.image_dir:
-            raise UsageError("--checkpoint needs --image-dir")
+        from .data.formats.convert import labels_image_dir
+
+        image_dir = args.image_dir or labels_image_dir(args.gt, fmt)
+        if not image_dir:
+            raise UsageError("--checkpoint needs --image-dir (the images of a COCO --gt)")
         out = Path(args.output or "evaluation.json")
-        job = PredictJob(args.checkpoint, args.image_dir, str(out.with_suffix(".detections.json")), args.gt,
-                         args.device, _predict_overrides(args), args.workers, amp=args.amp)
+        job = PredictJob(args.checkpoint, image_dir, str(out.with_suffix(".detections.json")), args.gt,
+                         args.device, _predict_overrides(args), args.workers, amp=args.amp, images_format=fmt)
         detections = run_predict(job).results
         from .engine import distributed as dist
 
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
-    results = run_evaluate(args.gt, detections, iou_types)
+    results = run_evaluate(args.gt, detections, iou_types, allow_subset=args.allow_subset, fmt=fmt,
+                           **_ci_options(args))
     print(format_report(results))
     if args.output:
         write_json(args.output, results)
+    return 0
+
+
+def _ci_options(args: argparse.Namespace) -> dict:
+    if args.resamples < 0 or not 0 < args.ci_level < 1:
+        raise UsageError(f"--resamples must be >= 0 and --ci-level in (0, 1), got {args.resamples}, {args.ci_level}")
+    return {"ci_resamples": args.resamples if args.ci else 0, "ci_level": args.ci_level, "ci_seed": args.ci_seed}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_files, format_comparison
+    from .inference.submission import write_json
+
+    if args.resamples < 1 or not 0 < args.ci_level < 1:
+        raise UsageError(f"--resamples must be >= 1 and --ci-level in (0, 1), got {args.resamples}, {args.ci_level}")
+    result = compare_files(args.gt, args.a, args.b, args.iou_type, args.resamples, args.ci_level, args.ci_seed,
+                           args.allow_subset, args.format or "auto")
+    print(format_comparison(result))
+    if args.output:
+        write_json(args.output, result)
     return 0
 
 
@@ -167,9 +209,17 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.report import check_dataset
 
-    report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels)
+    report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels, args.format or "auto")
     print(report)
     return 0 if usable else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .data.formats.convert import convert
+
+    print(convert(args.src, args.output, args.format or "auto", args.to, args.image_dir, args.split,
+                  args.crowd_rle_as_instances))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -30,12 +30,20 @@ class DataConfig:
     val_image_dir: str = ""  # defaults to image_dir
     val_fraction: float = 0.1
     split_seed: int = 0
+    # k-fold cross-validation of train_json (`tinyseg train --folds K`): K runs, each scored on one fold
+    # (duplicates kept in one fold), seeded by split_seed; 0 = off, one ordinary run
+    folds: int = 0
     train_negatives: bool = False  # keep images without annotations in training, as negatives
     num_workers: int = 2
     max_image_pixels: int = 40_000_000  # larger images are refused with a clear error
     # Evaluate on images that are also trained on: only to measure how well a model fits its own
     # training set, never for a number you report. Off, a val set that shares images is refused.
     allow_val_overlap: bool = False
+    # The labels' format (docs/formats.md): auto = from the layout (a .json file is COCO, a .yaml a YOLO
+    # dataset, a folder of labelme JSONs, a VOC folder); labelme, YOLO and VOC bring their own images.
+    format: str = "auto"
+    # Read iscrowd=1 RLE masks as objects: CVAT's COCO export marks every brush mask as a crowd.
+    crowd_rle_as_instances: bool = False
 
 
 @dataclass
@@ -61,7 +69,14 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
-    init: str = "imagenet"  # imagenet | none | /path/to/state_dict.pth
+    # imagenet | coco | coco-v2 | none | /path/to/state_dict.pth (a torchvision ResNet's or Mask R-CNN's)
+    init: str = "imagenet"
+    # auto | tinyseg | maskrcnn_resnet50_fpn | maskrcnn_resnet50_fpn_v2: torchvision's detector layouts
+    # take whole-detector weights; auto = the layout of coco(-v2) init or of a Mask R-CNN file, else tinyseg
+    arch: str = "auto"
+    # false refuses whole-detector weights (coco, coco-v2, a Mask R-CNN file): rules that allow
+    # ImageNet-pretrained backbones only, such as the tinyvoc homework's
+    allow_detector_init: bool = True
     norm: str = "auto"  # auto | frozen_bn | bn | gn | syncbn; auto = frozen_bn if pretrained else gn
     trainable_layers: int = 3  # pretrained backbones only; from scratch trains all stages
     fpn_channels: int = 256
@@ -111,6 +126,10 @@ class TrainConfig:
     nonfinite_loss: str = "stop"  # stop | skip
     max_time_min: float = 0.0  # stop cleanly (checkpoint + eval) after this much wall time; 0 = off
     dist_timeout_min: float = 10.0  # a collective that waits longer (a dead peer) ends the job
+    # MLflow tracking (pip install "tinyseg[mlflow]"): also on whenever MLFLOW_TRACKING_URI is set, which
+    # names the store; else ./mlruns, a local file store (tinyseg/engine/tracking.py)
+    mlflow: bool = False
+    mlflow_experiment: str = "tinyseg"
 
 
 @dataclass
@@ -125,6 +144,15 @@ class PredictConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Intervals for AP, AP50 and per-class AP50 by bootstrap over images, in every evaluation during
+    # training and in `tinyseg evaluate` / `tinyseg compare`; 0 = off (evaluate --no-ci)
+    ci_resamples: int = 1000
+    ci_level: float = 0.95
+    ci_seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -132,6 +160,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,7 +289,9 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 
 CHOICES = {
+    ("data", "format"): ("auto", "coco", "labelme", "yolo", "voc"),
     ("model", "norm"): ("auto", "frozen_bn", "bn", "gn", "syncbn"),
+    ("model", "arch"): ("auto", "tinyseg", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"),
     ("solver", "optimizer"): ("sgd", "adamw"),
     ("solver", "scheduler"): ("cosine", "step", "constant"),
     ("train", "amp"): ("auto", "none", "bf16", "fp16"),
@@ -279,3 +310,7 @@ def validate(config: Config) -> None:
         raise ConfigError("'solver.batch_size' and 'solver.accumulate' must be >= 1")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError("'data.val_fraction' must be in [0, 1)")
+    if config.data.folds < 0 or config.data.folds == 1:
+        raise ConfigError(f"'data.folds' must be 0 (off) or at least 2, got {config.data.folds}")
+    if config.eval.ci_resamples < 0 or not 0.0 < config.eval.ci_level < 1.0:
+        raise ConfigError("'eval.ci_resamples' must be >= 0 (0 = off) and 'eval.ci_level' in (0, 1)")

@@ -2,6 +2,9 @@
 
 Inputs: metrics.jsonl, config.yaml, and when the run had a val set val_gt.json, val_results.json and
 val_detections.json. Every file is written atomically; the page embeds its images, so it can be mailed.
+The plots: losses (raw values faint, an EMA on top) and learning rate, AP per evaluation, mask AP50 per
+class (best first; bootstrap intervals when val_results.json has them), precision-recall curves, a
+confusion matrix with a background row and column, and the worst val images.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,14 +21,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
 from .engine.logger import read_metrics  # noqa: E402
 from .evaluation.coco_eval import image_f1  # noqa: E402
+from .evaluation.confusion import confusion_matrix  # noqa: E402
 
 LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+# The detections a reader would keep: drawn in the worst-images gallery and counted in the confusion
+# matrix (AP itself uses every detection).
+SCORE_THRESH = 0.5
 
 
 def _save_figure(figure, path: Path) -> Path:
@@ -35,18 +44,43 @@ def _save_figure(figure, path: Path) -> Path:
     return path
 
 
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased (divided by 1 - weight^n) so the
+    first points are not pulled towards 0. Non-finite values are skipped."""
+    smoothed, average, count = [], 0.0, 0
+    for value in values:
+        if math.isfinite(value):
+            average = average * weight + (1 - weight) * value
+            count += 1
+        smoothed.append(average / (1 - weight**count) if count else float("nan"))
+    return smoothed
+
+
+def smoothing_weight(points: int) -> float:
+    """An average over about 5% of the logged points (at least 5): the trend of any run length."""
+    return 1 - 1 / max(5.0, points / 20)
+
+
 def plot_losses(records: list[dict], path: Path) -> Path | None:
     train = [r for r in records if r.get("kind") == "train"]
     if not train:
         return None
     keys = [k for k in LOSS_KEYS if k in train[0]] + ["lr"]
+    weight = smoothing_weight(len(train))
+    steps = [r["iteration"] for r in train]
     figure, axes = plt.subplots(len(keys), 1, figsize=(8, 1.9 * len(keys)), sharex=True)
     for axis, key in zip(axes, keys):
-        axis.plot([r["iteration"] for r in train], [r[key] for r in train], lw=1)
+        values = [float(r.get(key, float("nan"))) for r in train]
+        if key == "lr":  # a schedule, not a noisy measurement
+            axis.plot(steps, values, lw=1.2, color="tab:green")
+        else:
+            axis.plot(steps, values, lw=1, color="tab:blue", alpha=0.3, label="raw")
+            axis.plot(steps, smooth(values, weight), lw=1.6, color="tab:blue", label=f"EMA ({weight:.2f})")
         axis.set_ylabel(key.replace("loss_", ""), fontsize=8)
         axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("iteration")
-    figure.suptitle("training losses and learning rate")
+    figure.suptitle("training losses (faint: raw, line: smoothed) and learning rate")
     return _save_figure(figure, path)
 
 
@@ -64,16 +98,56 @@ def plot_ap(records: list[dict], path: Path) -> Path | None:
     return _save_figure(figure, path)
 
 
+def per_class_order(per_class: dict[str, float]) -> list[tuple[str, float]]:
+    """Highest AP50 first (ties in file order); classes without a value (NaN: no val objects) last."""
+    known = sorted(((n, v) for n, v in per_class.items() if v == v), key=lambda item: -item[1])
+    return known + [(n, v) for n, v in per_class.items() if v != v]
+
+
 def plot_per_class(results: dict, path: Path) -> Path:
-    per_class = results["segm"]["per_class_AP50"]
-    names = list(per_class)
-    values = [0.0 if v != v else v for v in per_class.values()]
+    ordered = per_class_order(results["segm"]["per_class_AP50"])
+    names = [n for n, _ in ordered]
+    values = [v if v == v else 0.0 for _, v in ordered]
+    ci = results["segm"].get("ci") or {}
+    bounds = ci.get("per_class_AP50", {})
+    # The interval as computed, [low, high], drawn on its own: a percentile interval need not contain the bar.
+    shown = [(x, _bounds(bounds.get(n))) for x, n in enumerate(names) if _bounds(bounds.get(n))]
     figure, axis = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2), 3.5))
     axis.bar(range(len(names)), values, color="tab:blue")
+    if shown:
+        axis.errorbar([x for x, _ in shown], [(lo + hi) / 2 for _, (lo, hi) in shown],
+                      yerr=[(hi - lo) / 2 for _, (lo, hi) in shown], fmt="none", ecolor="0.25", capsize=3)
+    for x, (_, v) in enumerate(ordered):
+        if v != v:
+            axis.text(x, 0.02, "n/a", ha="center", fontsize=7, color="0.4")
     axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     axis.set_ylabel("segm AP50")
     axis.set_ylim(0, 1)
-    axis.set_title("mask AP50 per class (val)")
+    title = "mask AP50 per class (val)"
+    if shown:
+        title += f"\nwhiskers: {ci.get('level', 0.95):.0%} interval ({ci.get('method', 'bootstrap')})"
+    axis.set_title(title)
+    return _save_figure(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> Path:
+    """Counts in the cells; colour is the share of the row (of a class's objects; of the false positives)."""
+    size = len(names)
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    figure, axis = plt.subplots(figsize=(max(4.5, 0.45 * size + 2.5), max(4.0, 0.45 * size + 1.8)))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if size <= 30:  # beyond that the numbers no longer fit; the colours still read
+        for (row, col), count in np.ndenumerate(matrix):
+            if count:
+                axis.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                          color="white" if shares[row, col] > 0.5 else "black")
+    axis.set_xticks(range(size), names, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(size), names, fontsize=8)
+    axis.set_xlabel("predicted (background: missed objects)")
+    axis.set_ylabel("ground truth (background: false positives)")
+    axis.set_title(f"mask confusion at IoU 0.5, score \u2265 {SCORE_THRESH} (val)", fontsize=10)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the row")
     return _save_figure(figure, path)
 
 
@@ -101,13 +175,13 @@ def worst_images_gallery(gt: dict, detections: list[dict], image_dir: str, out_d
     from .visualize import draw_instances, save_png
     from .data.images import image_path, load_rgb
 
-    f1 = image_f1(gt, detections)
+    f1 = image_f1(gt, detections, score_thresh=SCORE_THRESH)
     names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
     truths, found = defaultdict(list), defaultdict(list)
     for a in gt.get("annotations", []):
         truths[a["image_id"]].append(a)
     for d in detections:
-        if d["score"] >= 0.5:
+        if d["score"] >= SCORE_THRESH:
             found[d["image_id"]].append(d)
     images = {i["id"]: i for i in gt["images"]}
     written = []
@@ -134,6 +208,33 @@ def _figure(path: Path | None, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _bounds(value) -> tuple[float, float] | None:
+    """[low, high] of a `ci` entry when both are finite numbers (the evaluation writes None when it has none)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _intervals(results: dict) -> str:
+    """AP and AP50 with their intervals, when the evaluation computed them (val_results.json 'ci')."""
+    parts, note = [], ""
+    for iou_type, result in results.items():
+        ci = result.get("ci") if isinstance(result, dict) else None
+        if not ci:
+            continue
+        values = []
+        for key in ("AP", "AP50"):
+            if key in result.get("stats", {}):
+                bounds = _bounds(ci.get(key))
+                where = f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "[n/a]"
+                values.append(f"{key} {result['stats'][key]:.3f} {where}")
+        parts.append(f"{iou_type}: " + ", ".join(values))
+        note = (f"{ci.get('level', 0.95):.0%} intervals: {ci.get('method', 'bootstrap')}, "
+                f"{ci.get('resamples', '?')} resamples" + (f", {ci['images']} images" if "images" in ci else ""))
+    return f"<p>{html.escape('; '.join(parts))} ({html.escape(note)})</p>" if parts else ""
+
+
 def write_report(run_dir: Path) -> Path:
     """Write the plots under run_dir/plots and run_dir/report.html; returns the page's path."""
     run_dir = Path(run_dir)
@@ -145,16 +246,20 @@ def write_report(run_dir: Path) -> Path:
     summary = ""
     if results_path.exists():
         results = json.loads(results_path.read_text())
-        summary = "<pre>" + html.escape("\n".join(results["segm"]["summary"])) + "</pre>"
+        summary = _intervals(results) + "<pre>" + html.escape("\n".join(results["segm"]["summary"])) + "</pre>"
         sections.append(_figure(plot_per_class(results, plots / "per_class_ap50.png"), "mask AP50 per class"))
         sections.append(_figure(plot_pr(results, plots / "pr_curves.png"), "mask precision-recall, IoU 0.5"))
         gt_path, detections_path = run_dir / "val_gt.json", run_dir / "val_detections.json"
         if gt_path.exists() and detections_path.exists():
+            gt, detections = json.loads(gt_path.read_text()), json.loads(detections_path.read_text())
+            matrix, names = confusion_matrix(gt, detections, score_thresh=SCORE_THRESH)
+            sections.append(_figure(plot_confusion(matrix, names, plots / "confusion.png"),
+                                    f"mask confusion matrix, IoU 0.5, score >= {SCORE_THRESH}"))
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
             image_dir = config["data"]["val_image_dir"] or config["data"]["image_dir"]
-            gallery = worst_images_gallery(json.loads(gt_path.read_text()), json.loads(detections_path.read_text()),
-                                           image_dir, plots)
-            sections.append("<h2>Worst val images (left: ground truth, right: prediction, score &ge; 0.5)</h2>")
+            gallery = worst_images_gallery(gt, detections, image_dir, plots)
+            sections.append("<h2>Worst val images (left: ground truth, right: prediction, "
+                            f"score &ge; {SCORE_THRESH})</h2>")
             sections += [_figure(path, f"image F1 at IoU 0.5: {score:.2f}") for path, score in gallery]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tinyseg report: {html.escape(run_dir.name)}</title>

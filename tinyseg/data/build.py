@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from .coco import CategoryMap, CocoData, DatasetError, ImageRecord, format_problems, load_coco
+from .coco import CategoryMap, CocoData, DatasetError, ImageRecord, categories_without_instances, format_problems
 from .images import check_images
 from .split import content_keys, split_records
 
@@ -24,13 +24,22 @@ class TrainingData:
     val_gt: dict | None  # COCO ground truth of the val records, for evaluation
 
 
-def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annotations: bool = True) -> CocoData:
-    """Load a COCO file and open every image it names; raise DatasetError listing all problems."""
+def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annotations: bool = True,
+                 fmt: str = "auto", split: str = "", crowd_rle_as_instances: bool = False) -> CocoData:
+    """Load the labels (COCO, or labelme / YOLO / VOC converted in memory: data/formats) and open every image
+    they name; raise DatasetError listing all problems. The result's image_dir is where the images are."""
+    from .formats import detect_format, load_dataset
+
     if not json_path:
         raise DatasetError("no annotation file given (data.train_json / --train-json)")
-    if not image_dir or not Path(image_dir).is_dir():
+    fmt = detect_format(json_path) if fmt == "auto" else fmt
+    if fmt == "coco" and (not image_dir or not Path(image_dir).is_dir()):
         raise DatasetError(f"image folder '{image_dir}' for {json_path} does not exist")
-    data = load_coco(json_path, require_annotations)
+    data = load_dataset(json_path, require_annotations, fmt, split, crowd_rle_as_instances)
+    if data.image_dir and image_dir and Path(image_dir).resolve() != Path(data.image_dir).resolve():
+        log.warning("%s: %s labels name their own images (in %s); the image folder %s is not used", json_path,
+                    fmt, data.image_dir, image_dir)
+    image_dir = data.image_dir = data.image_dir or image_dir
     problems = check_images(image_dir, data.images, json_path, max_pixels)
     if problems:
         raise DatasetError(format_problems(problems, f"{json_path}: images in {image_dir} cannot be used"))
@@ -40,17 +49,23 @@ def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annota
 
 
 def build_training_data(cfg: Config) -> TrainingData:
+    from .formats import has_separate_val, val_split
+
     d = cfg.data
-    train = load_checked(d.train_json, d.image_dir, d.max_image_pixels)
-    train_dir = Path(d.image_dir)
-    if d.val_json:
-        val_dir = Path(d.val_image_dir or d.image_dir)
-        val = load_checked(d.val_json, str(val_dir), d.max_image_pixels)
+    options = {"fmt": d.format, "crowd_rle_as_instances": d.crowd_rle_as_instances}
+    train = load_checked(d.train_json, d.image_dir, d.max_image_pixels, **options)
+    train_dir = Path(train.image_dir)
+    # A YOLO dataset YAML with its own val split is validated on it, as Ultralytics does.
+    val_json = d.val_json or (d.train_json if has_separate_val(d.train_json, d.format) else "")
+    if val_json:
+        val = load_checked(val_json, d.val_image_dir or d.image_dir, d.max_image_pixels,
+                           split=val_split(val_json, d.format), **options)
+        val_dir = Path(val.image_dir)
         if val.categories.category_ids != train.categories.category_ids:
-            raise DatasetError(f"{d.val_json}: categories {val.categories.category_ids} differ from"
+            raise DatasetError(f"{val_json}: categories {val.categories.category_ids} differ from"
                                f" {d.train_json}: {train.categories.category_ids}")
         if not d.allow_val_overlap:
-            _refuse_overlap(train.images, train_dir, val.images, val_dir, d.val_json)
+            _refuse_overlap(train.images, train_dir, val.images, val_dir, val_json)
         train_records, val_records, gt_source = train.images, val.images, val
     else:
         val_dir = train_dir
@@ -59,6 +74,14 @@ def build_training_data(cfg: Config) -> TrainingData:
     kept = [r for r in train_records if d.train_negatives or r.has_instances]
     if not kept:
         raise DatasetError(f"{d.train_json}: no training image has a (non-crowd) instance")
+    missing = categories_without_instances(train.categories, kept)
+    if missing and not val_json:  # the file itself was complete; the split took them
+        log.warning("after the train/val split, %d categories have no training instance (the model cannot"
+                    " learn them): %s", len(missing), ", ".join(missing))
+    # config.yaml then says where the images were read (labelme, YOLO and VOC labels bring their own).
+    d.image_dir = d.image_dir or str(train_dir)
+    if val_dir != train_dir and not d.val_image_dir:
+        d.val_image_dir = str(val_dir)
     return TrainingData(train.categories, kept, train_dir, val_records, val_dir,
                         gt_source.to_coco_dict(val_records) if val_records else None)
 

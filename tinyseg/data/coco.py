@@ -91,6 +91,7 @@ class CocoData:
     images: list[ImageRecord]
     categories: CategoryMap
     problems: list[Problem] = field(default_factory=list)
+    image_dir: str = ""  # set when the data was converted from a format that knows its images (data/formats)
 
     def to_coco_dict(self, records: list[ImageRecord] | None = None) -> dict[str, Any]:
         """A COCO dict for evaluation (ground truth of the given records, or all)."""
@@ -111,11 +112,13 @@ def read_json(path: str | Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON: {error}") from None
 
 
-def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[CocoData | None, list[Problem]]:
+def inspect_coco(path: str | Path, require_annotations: bool = True,
+                 raw: dict | None = None) -> tuple[CocoData | None, list[Problem]]:
     """Parse and check a COCO file: the data as far as it could be read (None when its structure is
-    unusable; the bad entries left out) and every problem found."""
+    unusable; the bad entries left out) and every problem found. `raw`: a COCO dict already converted
+    in memory from `path` (data/formats), checked the same way."""
     name = str(path)
-    raw = read_json(path)
+    raw = read_json(path) if raw is None else raw
     problems: list[Problem] = []
     if not isinstance(raw, dict):
         return None, [Problem(name, "top level", f"expected a JSON object, got {type(raw).__name__}")]
@@ -130,6 +133,12 @@ def inspect_coco(path: str | Path, require_annotations: bool = True) -> tuple[Co
     by_id = {r.image_id: r for r in images}
     _check_annotations(name, raw.get("annotations") or [], by_id, set(categories), problems)
     category_map = CategoryMap.from_categories(list(categories.values()))
+    if raw.get("annotations"):
+        missing = categories_without_instances(category_map, images)
+        if missing:
+            problems.append(Problem(name, "categories", f"{len(missing)} of {len(categories)} categories have no"
+                                    f" (non-crowd) instance, so a model trained on this file can never predict"
+                                    f" them: {', '.join(missing)}", WARNING))
     return CocoData(name, images, category_map, problems), problems
 
 
@@ -139,6 +148,12 @@ def load_coco(path: str | Path, require_annotations: bool = True) -> CocoData:
     if data is None or any(p.severity == ERROR for p in problems):
         raise DatasetError(format_problems(problems, f"{path} cannot be used"))
     return data
+
+
+def categories_without_instances(categories: CategoryMap, records: list[ImageRecord]) -> list[str]:
+    """'id name' of each category that no non-crowd annotation of the records uses."""
+    used = {a["category_id"] for r in records for a in r.annotations if not a.get("iscrowd", 0)}
+    return [f"{cid} {name}" for cid, name in zip(categories.category_ids, categories.names) if cid not in used]
 
 
 def format_problems(problems: list[Problem], headline: str, limit: int = 30) -> str:
@@ -199,7 +214,11 @@ def _check_annotations(name: str, entries: list, images: dict[int, ImageRecord],
         if not isinstance(entry, dict):
             problems.append(Problem(name, where, "not an object"))
             continue
-        if "id" in entry:
+        kinds = _id_type_problems(entry, ("id", "image_id", "category_id"), optional=("id",))
+        if kinds:
+            problems.append(Problem(name, where, kinds))
+            continue
+        if entry.get("id") is not None:
             where = f"{where} id={entry['id']}"
             if entry["id"] in seen_ids:
                 problems.append(Problem(name, where, "duplicate annotation id"))
@@ -264,10 +283,56 @@ def _segmentation_problem(segmentation: Any, record: ImageRecord) -> str | None:
             return "RLE needs 'size' [h, w] and 'counts'"
         if list(size) != [record.height, record.width]:
             return f"RLE size {size} differs from the image's [height, width] [{record.height}, {record.width}]"
-        if isinstance(counts, list) and sum(counts) != record.height * record.width:
-            return f"uncompressed RLE counts sum to {sum(counts)}, not h*w = {record.height * record.width}"
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                return "uncompressed RLE 'counts' must be a list of non-negative integers"
+            total, kind = sum(counts), "uncompressed"
+        else:
+            decoded = compressed_rle_counts(counts)
+            if decoded is None or any(c < 0 for c in decoded):
+                return "compressed RLE 'counts' is not a valid COCO RLE string"
+            total, kind = sum(decoded), "compressed"
+        if total != record.height * record.width:
+            return f"{kind} RLE counts sum to {total}, not h*w = {record.height * record.width}"
         return None
     return f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
+
+
+def _id_type_problems(entry: dict, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> str | None:
+    """A message for the first id field that is not an integer (a list or dict id would crash later)."""
+    for key in keys:
+        value = entry.get(key)
+        if value is None and key in optional:
+            continue
+        if not _is_int(value):
+            return f"'{key}' must be an integer, got {type(value).__name__} {str(value)[:40]}"
+    return None
+
+
+def compressed_rle_counts(counts: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None if malformed.
+
+    pycocotools accepts any string here and fails only when the mask is decoded, in the first batch.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None  # the last number is cut off
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def is_safe_relative(file_name: str) -> bool:

@@ -6,14 +6,20 @@ from collections import Counter
 
 import numpy as np
 
-from .coco import ERROR, inspect_coco
+from .coco import ERROR, DatasetError
+from .formats import detect_format, inspect_dataset
 from .images import check_images
 
 
-def check_dataset(json_path: str, image_dir: str, max_pixels: int) -> tuple[str, bool]:
-    """(report text, usable): usable means no error-level problem (warnings are recoveries)."""
-    data, problems = inspect_coco(json_path, require_annotations=False)
-    lines = [f"dataset {json_path} with images in {image_dir}"]
+def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "auto") -> tuple[str, bool]:
+    """(report text, usable): usable means no error-level problem (warnings are recoveries). Labels in
+    another format (labelme, YOLO, VOC) are converted first and bring their own image folder."""
+    fmt = detect_format(json_path) if fmt == "auto" else fmt
+    if fmt == "coco" and not image_dir:
+        raise DatasetError(f"{json_path}: a COCO file needs its image folder: tinyseg check-data {json_path} IMAGES/")
+    data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt)
+    image_dir = (data.image_dir if data is not None else "") or image_dir
+    lines = [f"dataset {json_path} ({fmt}) with images in {image_dir}"]
     if data is not None:
         problems = problems + check_images(image_dir, data.images, json_path, max_pixels)
         lines += _statistics(data)

@@ -73,3 +73,26 @@ def split_records(image_dir: str | Path, records: list[ImageRecord], val_fractio
     train = [r for i, r in enumerate(records) if i not in chosen]
     val = [r for i, r in enumerate(records) if i in chosen]
     return train, val
+
+
+def fold_assignments(image_dir: str | Path, records: list[ImageRecord], k: int, seed: int) -> list[int]:
+    """The fold (0..k-1) of each record for k-fold cross-validation, reproducible for a seed.
+
+    Whole duplicate groups go to one fold, so no picture is trained on and scored in the same fold.
+    Groups are shuffled by seed, then placed largest first on the fold with the fewest images: fold
+    sizes then differ by at most the largest group's size (one image when there are no duplicates).
+    """
+    groups = sorted(duplicate_groups(image_dir, records), key=lambda g: records[g[0]].image_id)
+    if k < 2 or k > len(groups):
+        raise ValueError(f"{k} folds need 2 to {len(groups)} groups of distinct images"
+                         f" ({len(records)} images, {len(records) - len(groups)} duplicates)")
+    random.Random(seed).shuffle(groups)
+    groups.sort(key=len, reverse=True)  # stable: equal sizes keep the seeded order
+    sizes = [0] * k
+    folds = [-1] * len(records)
+    for group in groups:
+        fold = sizes.index(min(sizes))
+        sizes[fold] += len(group)
+        for index in group:
+            folds[index] = fold
+    return folds

@@ -1,4 +1,4 @@
-"""Metrics to metrics.jsonl (and TensorBoard when installed), and the progress bar's numbers."""
+"""Metrics to metrics.jsonl (and TensorBoard when installed, MLflow when asked), and the progress bar's numbers."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from typing import Any
 
 import torch
 
+from ..config import Config
+from .tracking import end_status, start_tracking
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, config: Config | None = None, resume: bool = False):
+        """enabled: this process writes (rank 0). config: the resolved config, for MLflow (engine/tracking.py)."""
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.tracker = start_tracking(config, run_dir, resume, main=enabled) if config is not None else None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -35,10 +41,20 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "epoch"):
                     self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        status = end_status()  # the trainer closes in a `finally`: an exception on its way out ends the run
+        if self.tracker is not None and status:
+            self.tracker.end(status)
+
+    def finish(self) -> None:
+        """After the report: the run's files go to MLflow as artifacts and the MLflow run ends."""
+        if self.tracker is not None:
+            self.tracker.finish(self.run_dir)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -8,49 +8,109 @@ from typing import Any
 
 import numpy as np
 
+from ..data.coco import DatasetError
+
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
-def evaluate_detections(gt: dict[str, Any], detections: list[dict], iou_types=IOU_TYPES) -> dict[str, Any]:
+def evaluate_detections(gt: dict[str, Any], detections: list[dict], iou_types=IOU_TYPES,
+                        allow_subset: bool = False, ci_resamples: int = 0, ci_level: float | None = None,
+                        ci_seed: int | None = None) -> dict[str, Any]:
     """Score detections against a COCO ground-truth dict.
 
     Returns per IoU type: the 12 standard numbers (`stats`), the printed summary (`summary`) and
     AP50 per category (`per_class_AP50`, keyed by category name). Empty detections score 0.
+    Detections of images that are not in `gt` are refused (a results file for another image set would
+    otherwise score near 0 without a word), unless `allow_subset` drops them.
+    With ci_resamples > 0 each IoU type also gets `ci`: intervals for AP, AP50 and per-class AP50 by
+    bootstrap over images (evaluation/bootstrap.py); level and seed default to the config's `eval` section.
     """
-    from faster_coco_eval import COCO, COCOeval_faster
+    from .bootstrap import confidence_intervals, draw_images, image_matches
 
     results: dict[str, Any] = {}
-    image_ids = {image["id"] for image in gt["images"]}
-    detections = [d for d in detections if d["image_id"] in image_ids]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(_with_areas(gt))
+    detections = detections_for_images(gt, detections, allow_subset)
+    coco_gt = ground_truth(gt)
+    level, seed = ci_settings(ci_level, ci_seed)
+    n_images = len(coco_gt.getImgIds())
+    draws = draw_images(n_images, ci_resamples, seed) if ci_resamples > 0 and n_images else None
     for iou_type in iou_types:
-        # Fresh copies each pass: loadRes writes numpy boxes and areas into the dicts it is given.
-        usable = [_copy(d) for d in detections if iou_type == "bbox" or "segmentation" in d]
+        usable = usable_detections(detections, iou_type)
+        evaluator = matched_evaluator(coco_gt, usable, iou_type) if usable or draws is not None else None
         if not usable:
             results[iou_type] = _empty_result(gt)
-            continue
-        if iou_type == "bbox":
-            usable = [_with_bbox(d) for d in usable]
         else:
-            # As detectron2 does: without 'bbox', loadRes takes each detection's area from its mask
-            # (with one, from its box), and the small/medium/large ranges use mask areas like the GT.
-            for d in usable:
-                d.pop("bbox", None)
-        coco_dt = coco_gt.loadRes(usable)
-        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=lambda *a, **k: None)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-        stats = [float(v) for v in evaluator.stats[:12]]
-        results[iou_type] = {
-            "stats": dict(zip(STAT_NAMES, stats)),
-            "summary": summary_lines(stats, evaluator.params.maxDets),
-            "per_class_AP50": _per_class_ap50(evaluator, gt),
-            "pr_curve_50": _pr_curves(evaluator, gt),
-        }
+            evaluator.accumulate()
+            evaluator.summarize()
+            stats = [float(v) for v in evaluator.stats[:12]]
+            results[iou_type] = {
+                "stats": dict(zip(STAT_NAMES, stats)),
+                "summary": summary_lines(stats, evaluator.params.maxDets),
+                "per_class_AP50": _per_class_ap50(evaluator, gt),
+                "pr_curve_50": _pr_curves(evaluator, gt),
+            }
+        if draws is not None:
+            matches = image_matches(evaluator, category_names(gt))
+            results[iou_type]["ci"] = confidence_intervals(matches, draws, level, seed)
     return results
+
+
+def ci_settings(level: float | None, seed: int | None) -> tuple[float, int]:
+    """The interval level and seed, from the config's `eval` section where not given."""
+    from ..config import EvalConfig
+
+    defaults = EvalConfig()
+    return (defaults.ci_level if level is None else level), (defaults.ci_seed if seed is None else seed)
+
+
+def ground_truth(gt: dict[str, Any]):
+    from faster_coco_eval import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(_with_areas(gt))
+
+
+def category_names(gt: dict[str, Any]) -> dict[int, str]:
+    return {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+
+
+def usable_detections(detections: list[dict], iou_type: str) -> list[dict]:
+    """Fresh copies of the detections that can be scored as iou_type (loadRes writes into the dicts it gets)."""
+    usable = [_copy(d) for d in detections if iou_type == "bbox" or "segmentation" in d]
+    if iou_type == "bbox":
+        return [_with_bbox(d) for d in usable]
+    # As detectron2 does: without 'bbox', loadRes takes each detection's area from its mask
+    # (with one, from its box), and the small/medium/large ranges use mask areas like the GT.
+    for d in usable:
+        d.pop("bbox", None)
+    return usable
+
+
+def matched_evaluator(coco_gt, usable: list[dict], iou_type: str):
+    """A COCOeval_faster on which evaluate() (the per-image matching) has run."""
+    from faster_coco_eval import COCOeval_faster
+
+    coco_dt = coco_gt.loadRes(usable)
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=lambda *a, **k: None)
+    evaluator.evaluate()
+    return evaluator
+
+
+class UnknownImagesError(DatasetError):
+    """Detections for images that the ground truth does not have."""
+
+
+def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subset: bool = False) -> list[dict]:
+    """The detections whose image is in gt; any other image id is an error unless allow_subset."""
+    image_ids = {image["id"] for image in gt["images"]}
+    unknown = sorted({d.get("image_id") for d in detections if d.get("image_id") not in image_ids}, key=str)
+    if unknown and not allow_subset:
+        count = sum(d.get("image_id") not in image_ids for d in detections)
+        raise UnknownImagesError(
+            f"{count} detection(s) are for {len(unknown)} image id(s) that the ground truth does not have"
+            f" (first: {', '.join(map(str, unknown[:5]))}); is this results file for another image set?"
+            " Pass --allow-subset (allow_subset=True) to score only the detections of known images")
+    return [d for d in detections if d.get("image_id") in image_ids]
 
 
 def summary_lines(stats: list[float], max_dets: list[int]) -> list[str]:
@@ -73,11 +133,15 @@ def _with_areas(gt: dict[str, Any]) -> dict[str, Any]:
     from ..data.coco import segmentation_to_rle
 
     sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
+    given = [a.get("id") for a in gt.get("annotations", [])]
+    # Ids past the largest given one: an id such as index + 1 could equal a real id, and COCOeval would
+    # then score one of the two objects and lose the other.
+    next_id = max((i for i in given if isinstance(i, int)), default=0) + 1
     annotations = []
-    for index, annotation in enumerate(gt.get("annotations", [])):
+    for annotation in gt.get("annotations", []):
         annotation = dict(annotation)
         if annotation.get("id") is None:
-            annotation["id"] = index + 1
+            annotation["id"], next_id = next_id, next_id + 1
         if "area" not in annotation or "bbox" not in annotation:
             rle = segmentation_to_rle(annotation["segmentation"], *sizes[annotation["image_id"]])
             annotation.setdefault("area", float(mask_utils.area(rle)))
@@ -174,7 +238,14 @@ def format_report(results: dict[str, Any]) -> str:
     for iou_type, result in results.items():
         lines.append(f"== {iou_type} ==")
         lines += result["summary"]
-        lines.append(f"{'category':<20s} AP50")
+        ci = result.get("ci")
+        if ci:
+            from .bootstrap import format_interval
+
+            lines += [format_interval(ci, metric, result["stats"][metric]) for metric in ("AP50", "AP")]
+        lines.append(f"{'category':<20s} AP50" + (f"   {ci['level']:.0%} CI" if ci else ""))
         for name, value in result["per_class_AP50"].items():
-            lines.append(f"{name:<20s} {'  n/a' if value != value else f'{value:.3f}'}")
+            bounds = ci["per_class_AP50"].get(name) if ci else None
+            span = f"   {bounds[0]:.3f}-{bounds[1]:.3f}" if bounds else ("   n/a" if ci else "")
+            lines.append(f"{name:<20s} {'  n/a' if value != value else f'{value:.3f}'}{span}")
     return "\n".join(lines)

@@ -40,8 +40,9 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
         if value is not None:
             setattr(config.predict, name, value)
     categories = checkpoint_categories(state)
-    config.model.init = "none"  # the checkpoint holds every weight; never download here
-    model = build_model(config.model, categories.num_classes)
+    # The checkpoint holds every weight: the run's architecture (model.init decides its norm and layout),
+    # built without downloading or reading any pretrained weights.
+    model = build_model(config.model, categories.num_classes, load_weights=False)
     model.load_state_dict(state.get("ema") or state["model"])
     target = resolve_device(device)
     model.to(target).eval()

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.coco import CategoryMap, DatasetError, load_coco
+from ..data.coco import CategoryMap, DatasetError
+from ..data.formats import load_dataset, val_split
 from ..data.dataset import ImageListDataset
 from ..engine import distributed as dist
 from ..engine.checkpoint import check_same_categories
@@ -29,12 +30,15 @@ class PredictJob:
     num_workers: int = 2
     progress: bool = True
     amp: str | None = None  # auto | none | bf16 | fp16; None = the run's train.amp
+    images_format: str = "auto"  # of images_json: coco, or labelme / yolo / voc labels (data/formats)
 
 
-def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
-    """(image_id, file_name) pairs: from the images JSON, or every image in the folder numbered 1..N."""
+def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
+                  fmt: str = "auto") -> list[tuple[int, str]]:
+    """(image_id, file_name) pairs: from the images JSON (or labels in another format), or every image in
+    the folder numbered 1..N."""
     if images_json:
-        data = load_coco(images_json, require_annotations=False)
+        data = load_dataset(images_json, require_annotations=False, fmt=fmt, split=val_split(images_json, fmt))
         if data.categories.category_ids:
             check_same_categories(categories, data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
@@ -50,7 +54,7 @@ def run_predict(job: PredictJob) -> Predictions:
 
     device = dist.init(resolve_device(job.device))
     loaded = load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)
-    entries = image_entries(job.image_dir, job.images_json, loaded.categories)
+    entries = image_entries(job.image_dir, job.images_json, loaded.categories, job.images_format)
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
@@ -93,12 +97,15 @@ def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: 
     return found
 
 
-def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[str, ...]) -> dict:
+def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[str, ...],
+                 allow_subset: bool = False, fmt: str = "auto", **ci) -> dict:
+    """Load and score; `ci` (ci_resamples, ci_level, ci_seed) goes to evaluate_detections."""
     from ..data.coco import read_json
 
-    gt = load_coco(gt_json)  # checked like training data, so a bad ground truth names its entry
+    # checked like training data, so a bad ground truth names its entry; labelme / YOLO / VOC converted
+    gt = load_dataset(gt_json, fmt=fmt, split=val_split(gt_json, fmt))
     if isinstance(detections, str):
-        detections = read_json(detections)
+        path, detections = detections, read_json(detections)
         if not isinstance(detections, list):
-            raise DatasetError(f"{detections}: a detections file must hold a JSON list of results")
-    return evaluate_detections(gt.to_coco_dict(), detections, iou_types)
+            raise DatasetError(f"{path}: a detections file must hold a JSON list of results")
+    return evaluate_detections(gt.to_coco_dict(), detections, iou_types, allow_subset=allow_subset, **ci)

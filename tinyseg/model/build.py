@@ -1,7 +1,14 @@
-"""Mask R-CNN + FPN on a torchvision ResNet/ResNeXt trunk, initialised from ImageNet, a file, or nothing."""
+"""Mask R-CNN + FPN on a torchvision ResNet/ResNeXt trunk, initialised from ImageNet, COCO, a file, or nothing.
+
+Two layouts: tinyseg's own (any trunk, FPN and head widths, norm chosen by model.norm), and torchvision's
+maskrcnn_resnet50_fpn / maskrcnn_resnet50_fpn_v2, built tensor for tensor so that their COCO weights
+load whole (model.arch; auto picks the layout of the weights).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections import OrderedDict
 
@@ -11,7 +18,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
@@ -20,17 +27,56 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..config import ConfigError, ModelConfig
 from .roi_pool import ParallelMultiScaleRoIAlign
-from .weights import load_trunk_weights
+from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, load_detector_weights, load_trunk_weights,
+                      read_init_weights)
+
+log = logging.getLogger("tinyseg")
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 
 
-def resolve_norm(cfg: ModelConfig) -> str:
+def resolve_norm(cfg: ModelConfig, arch: str = "tinyseg") -> str:
     if cfg.norm != "auto":
         return cfg.norm
     # Frozen statistics only make sense when they came from pretraining; from scratch the
     # normalisation has to learn, and GroupNorm does so at batch size 2 (He et al., 2019).
-    return "gn" if cfg.init == "none" else "frozen_bn"
+    # torchvision's layouts have BatchNorm weights, so from scratch they train BatchNorm, as torchvision does.
+    if cfg.init != "none":
+        return "frozen_bn"
+    return "bn" if arch in TORCHVISION_ARCHS else "gn"
+
+
+def resolve_arch(cfg: ModelConfig, weights: InitWeights | None = None) -> str:
+    if cfg.arch != "auto":
+        return cfg.arch
+    if cfg.init in COCO_INITS:
+        return COCO_INITS[cfg.init]
+    return weights.detector if weights is not None and weights.detector else "tinyseg"
+
+
+def check_arch(cfg: ModelConfig, arch: str, norm: str) -> None:
+    """torchvision's layouts fix what their weights' shapes fix; anything else set against them is refused."""
+    if arch not in TORCHVISION_ARCHS:
+        return
+    fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024}
+    for key, value in fixed.items():
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"model.arch={arch} (model.init={cfg.init}) needs model.{key}={value}, "
+                              f"got {getattr(cfg, key)}; or set model.arch=tinyseg to load only the backbone trunk")
+    allowed = ("frozen_bn", "bn", "syncbn")
+    if norm not in allowed:
+        raise ConfigError(f"model.arch={arch} has BatchNorm weights: model.norm must be auto or one of "
+                          f"{', '.join(allowed)}, got {norm}")
+
+
+def check_detector_init_allowed(cfg: ModelConfig, weights: InitWeights | None) -> None:
+    if cfg.allow_detector_init or (cfg.init not in COCO_INITS and not (weights and weights.detector)):
+        return
+    what = f"torchvision's COCO-trained {COCO_INITS[cfg.init]}" if cfg.init in COCO_INITS else "a whole Mask R-CNN"
+    raise ConfigError(f"model.init={cfg.init} loads {what}, and this config has model.allow_detector_init=false "
+                      "(as the tinyvoc preset: its homework allows ImageNet-pretrained backbones only, no "
+                      "COCO-pretrained detectors); use model.init=imagenet, or model.allow_detector_init=true where "
+                      "your rules allow it")
 
 
 class FrozenBatchNorm2d(misc_ops.FrozenBatchNorm2d):
@@ -46,9 +92,9 @@ class FrozenBatchNorm2d(misc_ops.FrozenBatchNorm2d):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
 
 
-def norm_factory(norm: str):
+def norm_factory(norm: str, frozen_eps: float = 1e-5):
     if norm == "frozen_bn":
-        return FrozenBatchNorm2d
+        return FrozenBatchNorm2d if frozen_eps == 1e-5 else functools.partial(FrozenBatchNorm2d, eps=frozen_eps)
     if norm in ("bn", "syncbn"):
         return nn.BatchNorm2d  # syncbn: converted once the process group exists (engine/distributed.py)
     if norm == "gn":
@@ -117,6 +163,10 @@ class AmpMaskPredictor(InferenceAmp, MaskRCNNPredictor):
     pass
 
 
+class AmpConvFCHead(InferenceAmp, FastRCNNConvFCHead):
+    pass
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's normalise/batch/postprocess, but no resize in training: the data presets size the images.
 
@@ -155,16 +205,20 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return resized[0]
 
 
-def build_backbone(cfg: ModelConfig) -> AmpBackboneWithFPN:
+def build_backbone(cfg: ModelConfig, arch: str = "tinyseg", trunk_weights: InitWeights | None = None
+                   ) -> AmpBackboneWithFPN:
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
     import torchvision
 
-    norm = resolve_norm(cfg)
-    trunk = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_factory(norm))
+    norm = resolve_norm(cfg, arch)
+    # torchvision's COCO weights for maskrcnn_resnet50_fpn were trained with eps 0 in their frozen
+    # BatchNorm (torchvision sets it back on load: overwrite_eps in detection/_utils.py).
+    eps = 0.0 if arch == "maskrcnn_resnet50_fpn" else 1e-5
+    trunk = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_factory(norm, eps))
     pretrained = cfg.init != "none"
-    if pretrained:
-        load_trunk_weights(trunk, cfg.backbone, cfg.init)
+    if trunk_weights is not None:
+        load_trunk_weights(trunk, cfg.backbone, trunk_weights)
     trainable = max(0, min(5, cfg.trainable_layers)) if pretrained else 5
     stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
     if trainable == 5:
@@ -179,9 +233,16 @@ def build_backbone(cfg: ModelConfig) -> AmpBackboneWithFPN:
         in_channels_list=[stage_channels * 2**i for i in range(4)],
         out_channels=cfg.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
-        norm_layer=None if norm == "frozen_bn" else norm_factory(norm),
+        norm_layer=fpn_norm(arch, norm),
     )
     return backbone
+
+
+def fpn_norm(arch: str, norm: str):
+    if arch == "maskrcnn_resnet50_fpn_v2":
+        return norm_factory(norm)
+    # tinyseg: frozen statistics exist only for the pretrained trunk; maskrcnn_resnet50_fpn: no norm there
+    return None if norm == "frozen_bn" or arch == "maskrcnn_resnet50_fpn" else norm_factory(norm)
 
 
 class DropoutMLPHead(InferenceAmp, nn.Module):
@@ -199,12 +260,36 @@ class DropoutMLPHead(InferenceAmp, nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, test_max_size: int = 1333,
-                score_thresh: float = 0.05, max_detections: int = 100, nms_thresh: float = 0.5) -> MaskRCNN:
-    """A Mask R-CNN whose class count (background included) comes from the data."""
-    backbone = build_backbone(cfg)
+                score_thresh: float = 0.05, max_detections: int = 100, nms_thresh: float = 0.5,
+                load_weights: bool = True) -> MaskRCNN:
+    """A Mask R-CNN whose class count (background included) comes from the data.
+
+    load_weights=False builds the same model without reading model.init's weights (a checkpoint fills
+    it). model.arch "auto" is replaced by the layout built, so that a run's saved config rebuilds it
+    when model.init's file is no longer there.
+    """
+    weights = None
+    if load_weights:
+        check_detector_init_allowed(cfg, None)  # before downloading anything
+        check_arch(cfg, resolve_arch(cfg), resolve_norm(cfg, resolve_arch(cfg)))
+        weights = read_init_weights(cfg.init, cfg.backbone)
+        check_detector_init_allowed(cfg, weights)
+    arch = resolve_arch(cfg, weights)  # a file's layout is known once it is read
+    norm = resolve_norm(cfg, arch)
+    check_arch(cfg, arch, norm)
+    whole = weights is not None and weights.detector is not None and arch in TORCHVISION_ARCHS
+    if whole and list(cfg.anchor_sizes) != [32, 64, 128, 256, 512]:
+        log.warning("model.anchor_sizes=%s: the pretrained RPN learnt anchors of 32-512 px; it adapts, but its "
+                    "first proposals will be off", cfg.anchor_sizes)
+    if weights is not None and weights.detector and not whole:
+        log.info("model.init=%s: a whole Mask R-CNN, but model.arch=%s: loading its backbone trunk only",
+                 cfg.init, arch)
+    backbone = build_backbone(cfg, arch, None if whole else weights)
     channels = cfg.fpn_channels
-    norm = resolve_norm(cfg)
-    head_norm = None if norm == "frozen_bn" else norm_factory(norm)
+    if arch in TORCHVISION_ARCHS:
+        head_norm = norm_factory(norm) if arch == "maskrcnn_resnet50_fpn_v2" else None
+    else:
+        head_norm = None if norm == "frozen_bn" else norm_factory(norm)
     mask_layers = [channels] * 4
     mask_head: nn.Module = AmpMaskHeads(channels, mask_layers, 1, norm_layer=head_norm)
     if cfg.mask_head_dropout > 0:
@@ -213,16 +298,25 @@ def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, te
     if len(cfg.anchor_sizes) != 5:
         raise ConfigError(f"model.anchor_sizes needs 5 sizes (one per FPN level), got {cfg.anchor_sizes}")
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    v2 = arch == "maskrcnn_resnet50_fpn_v2"
+    box_head: nn.Module
+    if v2:  # four 3x3 convs with norm and one FC, as torchvision's _v2 (Li et al., 2021)
+        box_head = AmpConvFCHead((channels, resolution, resolution), [channels] * 4, [cfg.box_head_dim],
+                                 norm_layer=head_norm)
+        if cfg.box_head_dropout > 0:
+            box_head.append(nn.Dropout(cfg.box_head_dropout))  # no parameters: the weights' keys stay put
+    else:
+        box_head = DropoutMLPHead(channels * resolution**2, cfg.box_head_dim, cfg.box_head_dropout)
     model = MaskRCNN(
         backbone,
         num_classes=None,
         rpn_anchor_generator=anchors,
-        box_head=DropoutMLPHead(channels * resolution**2, cfg.box_head_dim, cfg.box_head_dropout),
+        box_head=box_head,
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
         box_roi_pool=ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], resolution, sampling_ratio=2),
         mask_roi_pool=ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 14, sampling_ratio=2),
         mask_head=mask_head,
-        rpn_head=AmpRPNHead(channels, anchors.num_anchors_per_location()[0]),
+        rpn_head=AmpRPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1),
         mask_predictor=AmpMaskPredictor(mask_layers[-1], mask_layers[-1], num_classes),
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
@@ -234,6 +328,9 @@ def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, te
     )
     model.transform = DetectionTransform(test_min_size, test_max_size, model.transform.image_mean,
                                          model.transform.image_std)
+    if whole:
+        log.info("model.init=%s: %s", cfg.init, load_detector_weights(model, weights, arch, num_classes))
+    cfg.arch = arch
     return model
 
 

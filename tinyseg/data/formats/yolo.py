@@ -1,0 +1,184 @@
+"""Ultralytics YOLO segmentation datasets to COCO: a dataset YAML (`path`, `train`, `val`, `names`) and one
+text file per image, `class x1 y1 x2 y2 ...` with coordinates normalised to the image's size.
+
+A label file is found the way Ultralytics finds it: the last `/images/` of the image's path replaced by
+`/labels/`, the suffix by `.txt`; no label file means an image without objects. YOLO class i is COCO
+category id i + 1, unless the YAML carries `category_ids` (written by `tinyseg convert --to yolo`), which
+restores the original COCO file's ids on the way back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from ..coco import DatasetError, Problem
+from .common import IMAGE_SUFFIXES, CocoBuilder, absolute, image_root, image_size, report
+
+# Normalised coordinates a little outside [0, 1] are rounding; far outside, they are pixels.
+COORD_SLACK = 0.01
+
+
+def label_path(image: str | Path) -> Path:
+    """Ultralytics' img2label_paths for one image."""
+    text = str(image)
+    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if images in text:
+        text = labels.join(text.rsplit(images, 1))
+    return Path(text).with_suffix(".txt")
+
+
+def dataset_yaml(src: str | Path) -> Path:
+    """The YAML itself, or the one YAML of a dataset folder (data.yaml preferred)."""
+    src = Path(src)
+    if src.is_file():
+        return src
+    if (src / "data.yaml").is_file():
+        return src / "data.yaml"
+    found = sorted(list(src.glob("*.yaml")) + list(src.glob("*.yml")))
+    if len(found) != 1:
+        raise DatasetError(f"{src}: a YOLO dataset folder needs data.yaml (or exactly one .yaml file),"
+                           f" found {len(found)}")
+    return found[0]
+
+
+def read_dataset(src: str | Path) -> tuple[Path, dict]:
+    path = dataset_yaml(src)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise DatasetError(f"{path}: expected a mapping with path, train, val and names")
+    return path, config
+
+
+def class_names(path: Path, config: dict) -> tuple[list[str], list[int]]:
+    """(names by class index, COCO category id of each)."""
+    names = config.get("names")
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DatasetError(f"{path}: names: the keys must be the class indices 0..{len(names) - 1},"
+                               f" got {sorted(names)}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise DatasetError(f"{path}: names: missing, or not a list / index mapping of class names")
+    names = [str(n) for n in names]
+    ids = config.get("category_ids")
+    if ids is None:
+        return names, list(range(1, len(names) + 1))
+    if not (isinstance(ids, list) and len(ids) == len(names) and all(isinstance(i, int) for i in ids)
+            and len(set(ids)) == len(ids)):
+        raise DatasetError(f"{path}: category_ids must list one distinct integer per name ({len(names)})")
+    return names, ids
+
+
+def split_entries(path: Path, config: dict, split: str) -> list[Path]:
+    root = Path(config.get("path") or path.parent)
+    if not root.is_absolute():
+        root = path.parent / root
+    entries = config.get(split)
+    if not entries:
+        present = [k for k in ("train", "val", "test") if config.get(k)]
+        raise DatasetError(f"{path}: no '{split}' split (it has: {', '.join(present) or 'none'})")
+    entries = entries if isinstance(entries, list) else [entries]
+    resolved = []
+    for entry in entries:
+        target = Path(str(entry))
+        target = target if target.is_absolute() else root / target
+        if not target.exists():
+            raise DatasetError(f"{path}: {split}: '{entry}' not found (looked for {target})")
+        resolved.append(target)
+    return resolved
+
+
+def has_separate_val(src: str | Path) -> bool:
+    """True when the YAML names a val split that is not its train split (Ultralytics' coco8 uses one for both)."""
+    try:
+        path, config = read_dataset(src)
+        return bool(config.get("val")) and split_entries(path, config, "val") != split_entries(path, config, "train")
+    except DatasetError:
+        return False
+
+
+def split_images(path: Path, config: dict, split: str) -> tuple[list[Path], Path]:
+    """The split's image files and the folder their COCO file names are relative to."""
+    images: list[Path] = []
+    entries = split_entries(path, config, split)
+    for entry in entries:
+        if entry.is_dir():
+            images += sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif entry.suffix == ".txt":  # a list file: one image path per line, relative to the list's folder
+            for line in entry.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    image = Path(line.strip())
+                    images.append(image if image.is_absolute() else entry.parent / image)
+        else:
+            images.append(entry)
+    if not images:
+        raise DatasetError(f"{path}: {split}: no images in {', '.join(str(e) for e in entries)}")
+    default = entries[0] if len(entries) == 1 and entries[0].is_dir() else images[0].parent
+    return images, image_root(default, images)
+
+
+def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = None) -> tuple[dict, Path]:
+    """(COCO dict, image folder) of one split (default train) of a YOLO segmentation dataset."""
+    path, config = read_dataset(src)
+    split = split or "train"
+    names, ids = class_names(path, config)
+    images, root = split_images(path, config, split)
+    builder = CocoBuilder(path, "yolo", names, ids)
+    for image_file in images:
+        if not image_file.is_file():
+            builder.error(path, split, f"image {image_file} not found")
+            continue
+        width, height = image_size(image_file)
+        image = builder.add_image(absolute(image_file).relative_to(root).as_posix(), width, height)
+        labels = label_path(image_file)
+        if labels.is_file():
+            _read_labels(labels, image, ids, path, builder)
+    coco = builder.result()
+    report(builder.problems, problems)
+    return coco, root
+
+
+def _read_labels(labels: Path, image: dict, ids: list[int], yaml_path: Path, builder: CocoBuilder) -> None:
+    width, height = image["width"], image["height"]
+    for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"line {number}"
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            builder.error(labels, where, f"not numbers: '{line.strip()[:60]}'")
+            continue
+        klass, coords = values[0], values[1:]
+        if not klass.is_integer():
+            builder.error(labels, where, f"class '{fields[0]}' is not an integer class index")
+            continue
+        if not 0 <= klass < len(ids):
+            builder.error(labels, where, f"class {fields[0]} is past the {len(ids)} names of {yaml_path}"
+                                         f" (0..{len(ids) - 1})")
+            continue
+        if len(coords) == 4:
+            builder.error(labels, where, "4 numbers is a detection box (x y w h), not a polygon; tinyseg needs"
+                                         " segmentation labels (class x1 y1 x2 y2 x3 y3 ...)")
+            continue
+        if len(coords) % 2:
+            builder.error(labels, where, f"an odd number of coordinates ({len(coords)}); x and y come in pairs")
+            continue
+        if len(coords) < 6:
+            builder.error(labels, where, f"a polygon needs at least 3 points, got {len(coords) // 2}")
+            continue
+        if not all(math.isfinite(v) and -COORD_SLACK <= v <= 1 + COORD_SLACK for v in coords):
+            builder.error(labels, where, "coordinates must be normalised to [0, 1] (divided by the image's"
+                                         f" width and height), got values up to {max(coords):g}")
+            continue
+        polygon = [round(min(max(v, 0.0), 1.0) * (width if i % 2 == 0 else height), 3) for i, v in enumerate(coords)]
+        if builder.add(image, ids[int(klass)], [polygon]) is None:
+            builder.warn(labels, where, "the polygon covers no pixel; left out")
