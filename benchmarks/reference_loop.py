@@ -9,6 +9,7 @@ Kept only to measure tinyseg against it (benchmarks/throughput.py). Its traits, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -50,12 +51,22 @@ class TutorialDataset(torch.utils.data.Dataset):
         return tensor, target
 
 
+def _autocast(device: str, amp: torch.dtype | None):
+    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
 def collate(batch):
     return tuple(zip(*batch))
 
 
-def train_steps(model, loader, optimizer, steps: int, device: str = "cpu") -> int:
-    """The tutorial's train_one_epoch inner loop, for a number of steps; returns images seen."""
+def train_steps(model, loader, optimizer, steps: int, device: str = "cpu", amp: torch.dtype | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> int:
+    """The tutorial's train_one_epoch inner loop, for a number of steps; returns images seen.
+
+    amp: the whole model and losses under autocast, with a GradScaler for fp16, as torchvision's
+    detection reference scripts do with --amp (the tutorial itself is fp32). Only for comparing with
+    tinyseg's AMP on a GPU ("AMP on both sides").
+    """
     model.train()
     seen = 0
     for step, (images, targets) in enumerate(loader):
@@ -63,25 +74,34 @@ def train_steps(model, loader, optimizer, steps: int, device: str = "cpu") -> in
             break
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        with _autocast(device, amp):
+            losses = model(images, targets)
+            loss = sum(losses.values())
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         seen += len(images)
     return seen
 
 
 @torch.no_grad()
 def predict_to_file(model, entries: list[tuple[int, str]], image_dir: str, output: str, mask_thresh: float = 0.5,
-                    category_ids: list[int] | None = None, device: str = "cpu") -> int:
-    """One image at a time, one encode per mask, json.dump: the reference's submission writer."""
+                    category_ids: list[int] | None = None, device: str = "cpu", amp: torch.dtype | None = None) -> int:
+    """One image at a time, one encode per mask, json.dump: the reference's submission writer (amp: the
+    forward under autocast, outputs back to fp32)."""
     model.eval()
     results = []
     for image_id, file_name in entries:
         image = Image.open(Path(image_dir) / file_name).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        output_ = {k: v.cpu() for k, v in model([tensor.to(device)])[0].items()}
+        with _autocast(device, amp):
+            raw = model([tensor.to(device)])[0]
+        output_ = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in raw.items()}
         masks = output_["masks"].numpy()
         for k in range(len(output_["scores"])):
             binary = (masks[k, 0] > mask_thresh).astype(np.uint8)

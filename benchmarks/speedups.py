@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from torchvision.ops import misc as misc_ops  # noqa: E402
 
-from recipe import commit, machine, write_result  # noqa: E402
+from machine_info import commit, machine, write_result  # noqa: E402
 from throughput import NUCLEI, VOC, benchmark_model, predict_entries, timed  # noqa: E402
 from tinyseg.config import InputConfig  # noqa: E402
 
