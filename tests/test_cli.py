@@ -76,3 +76,37 @@ def test_check_data_catches_size_mismatch_and_bad_images(shapes, tmp_path):
     result = run_cli("check-data", str(bad), str(folder), check=False)
     assert result.returncode == 1
     assert "the JSON says" in result.stdout and "empty (0 bytes)" in result.stdout
+
+
+def test_evaluate_checks_interval_options_before_predicting(shapes, tmp_path, monkeypatch, capsys):
+    """A bad --ci-level / --resamples is refused at once, not after a whole prediction (in process)."""
+    import tinyseg.inference.run as run
+    from tinyseg.cli import main
+
+    def predict(*args, **kwargs):
+        raise AssertionError("predicted before checking the command line")
+
+    monkeypatch.setattr(run, "run_predict", predict)
+    common = ["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--gt", str(shapes["test_gt"]),
+              "--image-dir", str(shapes["images"])]
+    for bad in (["--ci-level", "2"], ["--resamples", "-1"]):
+        assert main([*common, *bad]) == 2
+        assert "--ci-level in (0, 1)" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_config_defaults(monkeypatch, capsys):
+    """One default per setting: the CLI reads the config's, so changing it there changes the CLI."""
+    import pytest
+
+    from tinyseg.cli import build_parser
+    from tinyseg.config import DataConfig, PredictConfig
+
+    monkeypatch.setattr(DataConfig, "max_image_pixels", 1234)
+    monkeypatch.setattr(DataConfig, "num_workers", 5)
+    monkeypatch.setattr(PredictConfig, "score_thresh", 0.125)
+    parser = build_parser()
+    assert parser.parse_args(["check-data", "x.json"]).max_image_pixels == 1234
+    assert parser.parse_args(["predict", "--image-dir", "d", "--output", "o"]).workers == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "--help"])
+    assert "0.125" in capsys.readouterr().out

@@ -37,3 +37,27 @@ def test_bad_overrides_are_clear(override, message):
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="presets: .*seed"):
         load_config("no-such-preset")
+
+
+def _restated(preset: str) -> list[str]:
+    """The settings a preset file gives the default value of."""
+    import yaml
+
+    from tinyseg.config import PRESET_DIR, Config
+
+    defaults = Config().to_dict()
+    raw = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    return [f"{section}.{key}" for section, values in raw.items() for key, value in values.items()
+            if defaults[section][key] == value]
+
+
+def test_finetune_and_seed_state_only_what_differs():
+    """DEVELOPERS.md: presets state only what differs from the defaults. The values the finetune preset
+    relies on the defaults for are still the tutorial's."""
+    assert _restated("finetune") == []
+    assert "solver.warmup_factor" not in _restated("seed")
+    finetune = load_config("finetune")
+    s = finetune.solver
+    assert (finetune.model.trainable_layers, s.optimizer, s.momentum, s.batch_size) == (3, "sgd", 0.9, 2)
+    assert (s.lr, s.weight_decay, s.gamma, s.warmup_factor, s.step_epochs) == (0.005, 0.0005, 0.1, 0.001, [3, 6, 9])
+    assert load_config("seed").solver.warmup_factor == 0.001

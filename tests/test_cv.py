@@ -71,6 +71,8 @@ def test_cross_validation_on_fruits_nuts_end_to_end(tmp_path, monkeypatch, capsy
         assert val["categories"] == train["categories"]
         assert {a["image_id"] for a in val["annotations"]} <= val_sets[index]
         assert 0 <= fold["segm_AP50"] <= 1 and fold["val_images"] == len(val_sets[index])
+        saved = json.loads((run_dir / "fold_result.json").read_text())
+        assert saved["best_epoch"] == saved["epochs"], "one evaluation (train.eval_every=0): the last is the best"
     for metric in ("segm_AP50", "segm_AP", "bbox_AP50"):
         values = [fold[metric] for fold in summary["per_fold"]]
         assert summary["mean"][metric] == pytest.approx(statistics.fmean(values))
@@ -137,3 +139,27 @@ def test_fold_files_keep_category_ids_and_read_back(shapes, tmp_path):
             assert loaded.categories.category_ids == [3, 7, 12]
             assert sorted(r.image_id for r in loaded.images) == sorted(ids)
         assert not set(fold.train_ids) & set(fold.val_ids)
+
+
+def test_fold_result_records_the_best_epoch_as_a_number(tmp_path, monkeypatch):
+    """fold_result.json's best_epoch is the epoch (the trainer's best is a dict of that epoch's metrics)."""
+    import tinyseg.engine.trainer as trainer_module
+    from tinyseg.config import Config
+    from tinyseg.engine.cv import Fold, _train_fold
+    from tinyseg.inference.submission import write_json
+
+    class Trained:
+        def __init__(self, config, resume=False):
+            pass
+
+        def fit(self):
+            return {"best": {"epoch": 3, "iteration": 30, "segm_AP50": 0.4}, "epochs": 4, "iterations": 40,
+                    "seconds": 1.0}
+
+    monkeypatch.setattr(trainer_module, "Trainer", Trained)
+    stats = {"stats": {"AP50": 0.5, "AP": 0.3}}
+    write_json(tmp_path / "val_results.json", {"segm": stats, "bbox": stats})
+    result = _train_fold(Fold(0, tmp_path, [1, 2], [3], Config()), resume=False)
+    saved = json.loads((tmp_path / "fold_result.json").read_text())
+    assert result["best_epoch"] == saved["best_epoch"] == 3
+    assert saved["segm_AP50"] == 0.5 and saved["epochs"] == 4  # scored on the last evaluation, not the best

@@ -101,6 +101,13 @@ def test_detections_for_unknown_images_are_refused():
         evaluate_detections(gt, detections + stray, ("segm",))
     subset = evaluate_detections(gt, detections + stray, ("segm",), allow_subset=True)
     assert subset["segm"]["stats"]["AP50"] == pytest.approx(1.0)
+    from tinyseg.data.coco import DatasetError
+
+    for bad, field in (({**detections[0], "image_id": [1]}, "'image_id' must be an integer, got list"),
+                       ({**detections[0], "score": "high"}, "'score' must be a number"), ("x", "must be an object")):
+        with pytest.raises(DatasetError, match=field) as error:
+            evaluate_detections(gt, [detections[1], bad], ("segm",))
+        assert "detections[1]" in str(error.value)
 
 
 def test_cli_evaluate_refuses_a_results_file_for_other_images(tmp_path):

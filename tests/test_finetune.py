@@ -11,11 +11,12 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 
 from tinyseg.config import ConfigError, ModelConfig, load_config
 from tinyseg.model import BackboneWeightsError, build_model
-from tinyseg.model.weights import CLASS_SPECIFIC
+from tinyseg.model.weights import CLASS_SPECIFIC, detector_layout, read_init_weights
 
 from conftest import tiny_config
 
 BUILDERS = {"maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn, "maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2}
+COCO_V1_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"  # torchvision's name for MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 
 
 def torchvision_detector(arch: str) -> nn.Module:
@@ -36,12 +37,15 @@ def torchvision_detector(arch: str) -> nn.Module:
 
 
 def old_key_names(state: dict) -> dict:
-    """The names older torchvision releases wrote (RPN `conv`, mask head `mask_fcnN`), as in the COCO_V1 file."""
+    """The names older torchvision releases wrote (RPN `conv`, mask head `mask_fcnN`, FPN `inner_blocks.N`),
+    as in the COCO_V1 file."""
     renamed = {}
     for key, value in state.items():
         key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
         for i in range(4):
             key = key.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
+            for blocks in ("inner_blocks", "layer_blocks"):
+                key = key.replace(f"backbone.fpn.{blocks}.{i}.0.", f"backbone.fpn.{blocks}.{i}.")
         renamed[key] = value
     return renamed
 
@@ -57,12 +61,20 @@ def detector_files(tmp_path_factory):
             state = old_key_names(state)
         files[arch] = (root / f"{arch}.pth", model)
         torch.save(state, files[arch][0])
+    # The same v1 file under the name torchvision downloads its COCO_V1 weights as: those need eps 0.
+    (root / "hub").mkdir()
+    (root / "hub" / COCO_V1_FILE).symlink_to(files["maskrcnn_resnet50_fpn"][0])
+    files["coco_v1_file"] = (root / "hub" / COCO_V1_FILE, files["maskrcnn_resnet50_fpn"][1])
     return files
 
 
-@pytest.mark.parametrize("arch", list(BUILDERS))
-def test_detector_file_loads_every_tensor_but_the_class_specific(arch, detector_files, caplog):
-    path, reference = detector_files[arch]
+# A v1 file keeps eps 1e-5 (a Mask R-CNN trained with torchvision's weights=None or an ImageNet backbone
+# has it) unless it is torchvision's COCO_V1 file, which torchvision loads with eps 0.
+@pytest.mark.parametrize("arch, file, eps", [("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", 1e-5),
+                                             ("maskrcnn_resnet50_fpn", "coco_v1_file", 0.0),
+                                             ("maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2", 1e-5)])
+def test_detector_file_loads_every_tensor_but_the_class_specific(arch, file, eps, detector_files, caplog):
+    path, reference = detector_files[file]
     config = ModelConfig(init=str(path))
     with caplog.at_level(logging.INFO, logger="tinyseg"):
         model = build_model(config, 4)  # 3 classes + background
@@ -83,15 +95,19 @@ def test_detector_file_loads_every_tensor_but_the_class_specific(arch, detector_
     assert not trunk.conv1.weight.requires_grad and not trunk.layer1[0].conv1.weight.requires_grad
     assert trunk.layer2[0].conv1.weight.requires_grad  # model.trainable_layers=3: the stem stays frozen
     assert type(trunk.bn1).__name__ == "FrozenBatchNorm2d"
-    assert trunk.bn1.eps == (0.0 if arch == "maskrcnn_resnet50_fpn" else 1e-5)  # as torchvision's COCO weights
-    assert_computes_what_torchvision_does(model.eval(), reference.eval(), arch)
+    assert f"frozen BatchNorm eps {eps:g}" in caplog.text
+    assert_computes_what_torchvision_does(model.eval(), reference.eval(), eps)
 
 
-def assert_computes_what_torchvision_does(model: nn.Module, reference: nn.Module, arch: str) -> None:
-    """Same tensors in the same places, and also the same layers around them (norm order, activations)."""
-    for module in reference.modules():
-        if isinstance(module, nn.BatchNorm2d) and arch == "maskrcnn_resnet50_fpn":
-            module.eps = 0.0  # what torchvision sets for the COCO_V1 weights (overwrite_eps)
+def assert_computes_what_torchvision_does(model: nn.Module, reference: nn.Module, trunk_eps: float) -> None:
+    """Same tensors in the same places, and also the same layers around them (norm order, activations, eps)."""
+    ours = dict(model.named_modules())
+    norms = [(name, module) for name, module in reference.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    assert norms
+    for name, module in norms:
+        # torchvision's overwrite_eps(model, 0.0) for COCO_V1 reaches the trunk's frozen norms, v1's only ones.
+        module.eps = trunk_eps if name.startswith("backbone.body.") else 1e-5
+        assert ours[name].eps == module.eps, name  # an eps off by 1e-5 is below assert_same's tolerance
     image = torch.rand(1, 3, 96, 128)
     boxes = [torch.tensor([[4.0, 6.0, 60.0, 70.0], [30.0, 10.0, 120.0, 90.0]])]
     with torch.no_grad():
@@ -208,3 +224,35 @@ def test_checkpoint_rebuild_reads_no_weights_and_keeps_the_pretrained_norm(tmp_p
     path.unlink()
     rebuilt = build_model(config, 3, load_weights=False)
     rebuilt.load_state_dict(trained.state_dict())  # frozen BN as trained, not the from-scratch GroupNorm
+
+
+def test_a_tinyseg_checkpoint_gives_its_trunk_and_is_no_coco_detector(tmp_path, caplog):
+    """tinyseg with frozen BatchNorm has fc6 and no norm keys, as torchvision's v1 has: its own checkpoint
+    (model.init=runs/x/best.pt) is still its trunk only, for any backbone, and allowed where the rules
+    refuse detector weights (tinyvoc)."""
+    import torchvision
+
+    from tinyseg.engine.checkpoint import save_checkpoint
+
+    trunk_file = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), trunk_file)
+    small = {"backbone": "resnet18", "fpn_channels": 32, "box_head_dim": 64}
+    trained = build_model(ModelConfig(init=str(trunk_file), **small), 3).state_dict()
+    assert "roi_heads.box_head.fc6.weight" in trained and not any(".fpn.inner_blocks.0.1." in k for k in trained)
+    assert detector_layout(trained) is None  # a ResNet-18 is no torchvision Mask R-CNN, whatever its heads
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in trained.items()}
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint(checkpoint, {"model": trained, "ema": ema, "config": {}})
+    assert read_init_weights(str(checkpoint), "resnet18").detector is None
+    overrides = [f"model.init={checkpoint}", *(f"model.{k}={v}" for k, v in small.items())]
+    for preset in (None, "tinyvoc"):
+        config = load_config(preset, overrides)
+        with caplog.at_level(logging.INFO, logger="tinyseg"):
+            model = build_model(config.model, 3)
+        assert config.model.arch == "tinyseg"
+        ours = model.state_dict()
+        trunk = [k for k in trained if k.startswith("backbone.body.")]
+        assert trunk and all(torch.equal(ours[k], ema[k]) for k in trunk), "the trunk of the EMA weights"
+        assert not torch.equal(ours["roi_heads.box_head.fc6.weight"], ema["roi_heads.box_head.fc6.weight"])
+        assert model.backbone.body.bn1.eps == 1e-5
+    assert "a tinyseg checkpoint: loading the backbone trunk of its EMA weights" in caplog.text

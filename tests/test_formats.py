@@ -111,6 +111,7 @@ def write_image(path, size=(40, 30), seed=0):
 
 
 def labelme_file(folder, stem, shapes, size=(40, 30), image=True, **extra):
+    folder.mkdir(parents=True, exist_ok=True)
     if image:
         write_image(folder / f"{stem}.png", size)
     raw = {"version": "5.2.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.png", "imageData": None,
@@ -144,21 +145,33 @@ def test_labelme_shapes_groups_and_ignore(tmp_path):
     assert any("a line has no area" in str(w) and "a.json" in str(w) for w in warnings)
 
 
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    """labelme's embedded images are decoded into the user's cache: a test's own, here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def files_in(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_labelme_embedded_image_and_bad_files(tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (9, 9, 9)).save(buffer, format="PNG")
-    labelme_file(tmp_path, "only", [shape("cat", [[1, 1], [9, 1], [9, 9]])], image=False,
+    labelme_file(tmp_path / "lm", "only", [shape("cat", [[1, 1], [9, 1], [9, 9]])], image=False,
                  imageData=base64.b64encode(buffer.getvalue()).decode("ascii"))
-    data = load_dataset(tmp_path)
-    assert (tmp_path / "only.png").is_file() and data.images[0].file_name == "only.png"
+    data = load_dataset(tmp_path / "lm")
+    assert not (tmp_path / "lm" / "only.png").exists() and data.images[0].file_name == "only.png"
 
-    labelme_file(tmp_path, "lost", [shape("cat", [[1, 1], [9, 1], [9, 9]])], image=False)
-    labelme_file(tmp_path, "wide", [shape("cat", [[1, 1], [9, 1]])], size=(40, 30))
-    raw = json.loads((tmp_path / "wide.json").read_text())
+    lm = tmp_path / "lm"
+    labelme_file(lm, "lost", [shape("cat", [[1, 1], [9, 1], [9, 9]])], image=False)
+    labelme_file(lm, "wide", [shape("cat", [[1, 1], [9, 1]])], size=(40, 30))
+    raw = json.loads((lm / "wide.json").read_text())
     raw["imageWidth"] = 41
-    (tmp_path / "wide.json").write_text(json.dumps(raw))
+    (lm / "wide.json").write_text(json.dumps(raw))
     with pytest.raises(DatasetError) as error:
-        load_dataset(tmp_path)
+        load_dataset(lm)
     message = str(error.value)
     assert "lost.json: imagePath: image file not found" in message
     assert "wide.json: imageWidth/imageHeight: 41x30 differs" in message

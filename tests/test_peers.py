@@ -11,16 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("ultralytics")
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("needs the benchmark-only ultralytics package (pip install -e \".[peers]\")", allow_module_level=True)
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "ultralytics_seg.py"
 
 
 @pytest.fixture(scope="module")
 def peer():
+    # Importing ultralytics replaces PIL's Image.open for the whole process (ultralytics/utils/patches.py);
+    # the other tests must see Pillow's own, so it is imported only here and put back afterwards.
+    from PIL import Image
+
+    pillow_open = Image.open
     spec = importlib.util.spec_from_file_location("ultralytics_seg", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    Image.open = pillow_open
 
 
 def _gt_as_results(gt_path: str, category_ids: list[int]) -> list:

@@ -129,3 +129,36 @@ def test_a_store_that_fails_mid_run_stops_tracking_not_training(tmp_path, store,
         logger.finish()
     assert len(calls) == 1 and caplog.text.count("tracking stops here") == 1 and "second line" not in caplog.text
     assert len(read_metrics(tmp_path)) == 2  # metrics.jsonl has every line
+
+
+def test_when_rank_zero_cannot_track_every_rank_stops(tmp_path, monkeypatch):
+    """Under DDP only rank 0 starts the MLflow run: when that fails, the other ranks must raise the same
+    error instead of waiting at their first collective until train.dist_timeout_min. Two ranks, faked."""
+    import types
+
+    import tinyseg.engine.tracking as tracking
+    from tinyseg.engine import distributed
+
+    monkeypatch.setitem(sys.modules, "mlflow", types.ModuleType("mlflow"))  # importable; never reached here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    sent = []
+
+    def refuse(*args):
+        raise ConnectionError("store refused\nsecond line")
+
+    monkeypatch.setattr(tracking, "Tracker", refuse)
+    config = Config()
+    config.train.mlflow = True
+    # Rank 0: its failure goes to the others, and it raises it too.
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: sent.append(value) or [value, None])
+    with pytest.raises(ConfigError, match="ConnectionError: store refused$"):
+        start_tracking(config, tmp_path, main=True)
+    assert sent and "store refused" in sent[0]
+    # Rank 1: nothing went wrong there, but it receives rank 0's error and stops with it.
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [sent[0], value])
+    with pytest.raises(ConfigError, match="ConnectionError: store refused$"):
+        start_tracking(config, tmp_path, main=False)
+    # Tracking off: every rank still takes part in the exchange, and nothing is raised.
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: sent.append(value) or [value, None])
+    assert start_tracking(Config(), tmp_path, main=False) is None and sent[-1] is None

@@ -12,14 +12,22 @@ log = logging.getLogger("tinyseg")
 
 
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
+    from .config import DataConfig, PredictConfig
+
+    def run_default(key: str) -> str:  # None on the command line keeps the run's predict.* setting
+        return f"(default: the run's predict.{key}, {getattr(PredictConfig, key)} unless it set one)"
+
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default=None,
                         help="inference precision (default: the run's train.amp; auto = bf16 on capable CPUs, fp16 on CUDA)")
-    parser.add_argument("--score-thresh", type=float, default=None, help="keep detections above this (default 0.01)")
-    parser.add_argument("--max-detections", type=int, default=None, help="per image (default 100)")
-    parser.add_argument("--mask-thresh", type=float, default=None, help="mask probability cut (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help=f"keep detections above this {run_default('score_thresh')}")
+    parser.add_argument("--max-detections", type=int, default=None, help=f"per image {run_default('max_detections')}")
+    parser.add_argument("--mask-thresh", type=float, default=None,
+                        help=f"mask probability cut {run_default('mask_thresh')}")
+    parser.add_argument("--batch-size", type=int, default=None, help=run_default("batch_size"))
+    parser.add_argument("--workers", type=int, default=DataConfig.num_workers,
+                        help=f"image-loading processes (default {DataConfig.num_workers}, as data.num_workers)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation: flip (+ --tta-scales), merged by NMS with mask voting")
     parser.add_argument("--tta-scales", type=int, nargs="*", default=None, help="extra test short sides for --tta")
@@ -142,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("json", help="COCO JSON, or a labelme folder, a YOLO dataset YAML, a VOC folder")
     check.add_argument("image_dir", nargs="?", default="", help="the images of a COCO file")
     _add_format_option(check)
-    check.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    check.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
+                       help=f"larger images are refused (default {DataConfig.max_image_pixels}, as "
+                            "data.max_image_pixels)")
 
     _add_convert_parser(verbs)
 

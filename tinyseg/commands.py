@@ -125,24 +125,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
     if bool(args.detections) == bool(args.checkpoint):
         raise UsageError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
-    detections = args.detections
+    ci = _ci_options(args)  # checked before a prediction that can take hours
+    detections, gt = args.detections, args.gt
     fmt = args.format or "auto"
     if args.checkpoint:
-        from .data.formats.convert import labels_image_dir
+        from .inference.run import load_ground_truth
 
-        image_dir = args.image_dir or labels_image_dir(args.gt, fmt)
+        gt = load_ground_truth(args.gt, fmt)  # converted once: its images, the ids to predict, the scoring
+        image_dir = args.image_dir or gt.image_dir
         if not image_dir:
             raise UsageError("--checkpoint needs --image-dir (the images of a COCO --gt)")
         out = Path(args.output or "evaluation.json")
         job = PredictJob(args.checkpoint, image_dir, str(out.with_suffix(".detections.json")), args.gt,
-                         args.device, _predict_overrides(args), args.workers, amp=args.amp, images_format=fmt)
+                         args.device, _predict_overrides(args), args.workers, amp=args.amp, images_format=fmt,
+                         images_data=gt)
         detections = run_predict(job).results
         from .engine import distributed as dist
 
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
-    results = run_evaluate(args.gt, detections, iou_types, allow_subset=args.allow_subset, fmt=fmt,
-                           **_ci_options(args))
+    results = run_evaluate(gt, detections, iou_types, allow_subset=args.allow_subset, fmt=fmt, **ci)
     print(format_report(results))
     if args.output:
         write_json(args.output, results)

@@ -28,11 +28,11 @@ def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annota
                  fmt: str = "auto", split: str = "", crowd_rle_as_instances: bool = False) -> CocoData:
     """Load the labels (COCO, or labelme / YOLO / VOC converted in memory: data/formats) and open every image
     they name; raise DatasetError listing all problems. The result's image_dir is where the images are."""
-    from .formats import detect_format, load_dataset
+    from .formats import load_dataset, resolve_format
 
     if not json_path:
         raise DatasetError("no annotation file given (data.train_json / --train-json)")
-    fmt = detect_format(json_path) if fmt == "auto" else fmt
+    fmt = resolve_format(json_path, fmt)
     if fmt == "coco" and (not image_dir or not Path(image_dir).is_dir()):
         raise DatasetError(f"image folder '{image_dir}' for {json_path} does not exist")
     data = load_dataset(json_path, require_annotations, fmt, split, crowd_rle_as_instances)

@@ -7,14 +7,14 @@ from collections import Counter
 import numpy as np
 
 from .coco import ERROR, DatasetError
-from .formats import detect_format, inspect_dataset
+from .formats import inspect_dataset, resolve_format
 from .images import check_images
 
 
 def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "auto") -> tuple[str, bool]:
     """(report text, usable): usable means no error-level problem (warnings are recoveries). Labels in
     another format (labelme, YOLO, VOC) are converted first and bring their own image folder."""
-    fmt = detect_format(json_path) if fmt == "auto" else fmt
+    fmt = resolve_format(json_path, fmt)
     if fmt == "coco" and not image_dir:
         raise DatasetError(f"{json_path}: a COCO file needs its image folder: tinyseg check-data {json_path} IMAGES/")
     data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt)

@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import io
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..data.coco import CategoryMap
+from ..io import atomic_write, atomic_write_text  # noqa: F401  (re-exported: the writers moved to tinyseg/io.py)
 
 FORMAT = "tinyseg-checkpoint"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over the target.
-
-    A crash at any point leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:  # some filesystems do not allow fsync on folders
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda out: out.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

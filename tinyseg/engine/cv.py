@@ -159,7 +159,7 @@ def _train_fold(fold: Fold, resume: bool) -> dict | None:
     stats = read_json(fold.run_dir / "val_results.json")
     final = {f"{kind}_{name}": stats[kind]["stats"][name] for kind in ("segm", "bbox") for name in ("AP50", "AP")}
     result = {"fold": fold.index, "run_dir": str(fold.run_dir), "train_images": len(fold.train_ids),
-              "val_images": len(fold.val_ids), **final, "best_epoch": run["best"],
+              "val_images": len(fold.val_ids), **final, "best_epoch": run["best"].get("epoch"),
               "epochs": run["epochs"], "iterations": run["iterations"], "seconds": run["seconds"],
               "val_image_ids": fold.val_ids, "train_image_ids": fold.train_ids, "config": fold.config.to_dict()}
     write_json(fold.run_dir / FOLD_RESULT, result)

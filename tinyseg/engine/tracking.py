@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..config import Config, ConfigError
+from . import distributed as dist
 from .checkpoint import atomic_write_text
 
 log = logging.getLogger("tinyseg")
@@ -46,8 +47,25 @@ def _is_file_store(uri: str) -> bool:
 def start_tracking(cfg: Config, run_dir: Path, resume: bool = False, main: bool = True) -> "Tracker | None":
     """The tracker of this training, or None when tracking is off or this is not rank 0.
 
-    Every rank checks that mlflow imports, so a missing extra stops all of them before the first step.
+    Called on every rank: when one rank cannot start tracking (MLflow missing, the store refusing rank 0),
+    every rank raises the same ConfigError, instead of the others waiting at their first collective
+    until train.dist_timeout_min.
     """
+    problem, tracker = None, None
+    try:
+        tracker = _start_tracking(cfg, run_dir, resume, main)
+    except ConfigError as error:
+        problem = str(error)
+    # Unconditional, so that every rank takes part even if their settings or installs differ.
+    problems = [p for p in dist.all_gather_objects(problem) if p is not None]
+    if problems:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise ConfigError(problems[0])
+    return tracker
+
+
+def _start_tracking(cfg: Config, run_dir: Path, resume: bool, main: bool) -> "Tracker | None":
     from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     if not (cfg.train.mlflow or from_env):
         return None

@@ -102,6 +102,10 @@ class UnknownImagesError(DatasetError):
 
 def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subset: bool = False) -> list[dict]:
     """The detections whose image is in gt; any other image id is an error unless allow_subset."""
+    for index, detection in enumerate(detections):
+        problem = _detection_problem(detection)
+        if problem:
+            raise DatasetError(f"detections[{index}]: {problem}")
     image_ids = {image["id"] for image in gt["images"]}
     unknown = sorted({d.get("image_id") for d in detections if d.get("image_id") not in image_ids}, key=str)
     if unknown and not allow_subset:
@@ -111,6 +115,22 @@ def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subs
             f" (first: {', '.join(map(str, unknown[:5]))}); is this results file for another image set?"
             " Pass --allow-subset (allow_subset=True) to score only the detections of known images")
     return [d for d in detections if d.get("image_id") in image_ids]
+
+
+def _detection_problem(detection: Any) -> str | None:
+    """Why one result entry cannot be scored (checked first: a list id would crash deep in COCOeval)."""
+    if not isinstance(detection, dict):
+        return f"a result must be an object, got {type(detection).__name__}"
+    for key in ("image_id", "category_id"):
+        value = detection.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"'{key}' must be an integer, got {type(value).__name__} {str(value)[:40]}"
+    score = detection.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or score != score:
+        return f"'score' must be a number, got {str(score)[:40]}"
+    if "segmentation" not in detection and "bbox" not in detection:
+        return "needs a 'segmentation' (RLE) or a 'bbox'"
+    return None
 
 
 def summary_lines(stats: list[float], max_dets: list[int]) -> list[str]:

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.coco import CategoryMap, DatasetError
-from ..data.formats import load_dataset, val_split
+from ..data.coco import CategoryMap, CocoData, DatasetError
+from ..data.formats import load_dataset, resolve_format, val_split
 from ..data.dataset import ImageListDataset
 from ..engine import distributed as dist
 from ..engine.checkpoint import check_same_categories
@@ -31,14 +31,21 @@ class PredictJob:
     progress: bool = True
     amp: str | None = None  # auto | none | bf16 | fp16; None = the run's train.amp
     images_format: str = "auto"  # of images_json: coco, or labelme / yolo / voc labels (data/formats)
+    images_data: CocoData | None = None  # images_json already loaded (evaluate converts its ground truth once)
+
+
+def load_ground_truth(gt_json: str, fmt: str = "auto", require_annotations: bool = True) -> CocoData:
+    """The labels to predict or score (COCO, or labelme / YOLO's val / VOC converted), checked like training data."""
+    fmt = resolve_format(gt_json, fmt)
+    return load_dataset(gt_json, require_annotations, fmt=fmt, split=val_split(gt_json, fmt))
 
 
 def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
-                  fmt: str = "auto") -> list[tuple[int, str]]:
-    """(image_id, file_name) pairs: from the images JSON (or labels in another format), or every image in
-    the folder numbered 1..N."""
-    if images_json:
-        data = load_dataset(images_json, require_annotations=False, fmt=fmt, split=val_split(images_json, fmt))
+                  fmt: str = "auto", data: CocoData | None = None) -> list[tuple[int, str]]:
+    """(image_id, file_name) pairs: from the images JSON (or labels in another format; `data` when already
+    loaded), or every image in the folder numbered 1..N."""
+    if images_json or data is not None:
+        data = data or load_ground_truth(images_json, fmt, require_annotations=False)
         if data.categories.category_ids:
             check_same_categories(categories, data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
@@ -54,7 +61,7 @@ def run_predict(job: PredictJob) -> Predictions:
 
     device = dist.init(resolve_device(job.device))
     loaded = load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)
-    entries = image_entries(job.image_dir, job.images_json, loaded.categories, job.images_format)
+    entries = image_entries(job.image_dir, job.images_json, loaded.categories, job.images_format, job.images_data)
     p = loaded.config.predict
     dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
@@ -97,13 +104,12 @@ def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: 
     return found
 
 
-def run_evaluate(gt_json: str, detections: list[dict] | str, iou_types: tuple[str, ...],
+def run_evaluate(gt_json: str | CocoData, detections: list[dict] | str, iou_types: tuple[str, ...],
                  allow_subset: bool = False, fmt: str = "auto", **ci) -> dict:
-    """Load and score; `ci` (ci_resamples, ci_level, ci_seed) goes to evaluate_detections."""
+    """Load (unless given loaded) and score; `ci` (ci_resamples, ci_level, ci_seed) goes to evaluate_detections."""
     from ..data.coco import read_json
 
-    # checked like training data, so a bad ground truth names its entry; labelme / YOLO / VOC converted
-    gt = load_dataset(gt_json, fmt=fmt, split=val_split(gt_json, fmt))
+    gt = gt_json if isinstance(gt_json, CocoData) else load_ground_truth(gt_json, fmt)
     if isinstance(detections, str):
         path, detections = detections, read_json(detections)
         if not isinstance(detections, list):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from ..engine.checkpoint import atomic_write_text
+from ..io import write_json  # noqa: F401  (re-exported: it moved to tinyseg/io.py)
 
 SUBMISSION_KEYS = ("image_id", "score", "category_id", "segmentation")
 
@@ -16,10 +15,6 @@ def submission_entries(results: list[dict]) -> list[dict]:
     """Only the four fields of the format, in a stable order (best score first per image)."""
     ordered = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
     return [{key: r[key] for key in SUBMISSION_KEYS} for r in ordered]
-
-
-def write_json(path: str | Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, separators=(",", ":")))
 
 
 def write_submission(path: str | Path, results: list[dict]) -> int:

@@ -27,8 +27,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..config import ConfigError, ModelConfig
 from .roi_pool import ParallelMultiScaleRoIAlign
-from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, load_detector_weights, load_trunk_weights,
-                      read_init_weights)
+from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, frozen_bn_eps, load_detector_weights,
+                      load_trunk_weights, read_init_weights)
 
 log = logging.getLogger("tinyseg")
 
@@ -212,9 +212,7 @@ def build_backbone(cfg: ModelConfig, arch: str = "tinyseg", trunk_weights: InitW
     import torchvision
 
     norm = resolve_norm(cfg, arch)
-    # torchvision's COCO weights for maskrcnn_resnet50_fpn were trained with eps 0 in their frozen
-    # BatchNorm (torchvision sets it back on load: overwrite_eps in detection/_utils.py).
-    eps = 0.0 if arch == "maskrcnn_resnet50_fpn" else 1e-5
+    eps, _ = frozen_bn_eps(cfg.init)  # from the weights, whatever the layout: a COCO_V1 trunk alone too
     trunk = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_factory(norm, eps))
     pretrained = cfg.init != "none"
     if trunk_weights is not None:
@@ -284,6 +282,8 @@ def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, te
     if weights is not None and weights.detector and not whole:
         log.info("model.init=%s: a whole Mask R-CNN, but model.arch=%s: loading its backbone trunk only",
                  cfg.init, arch)
+    if weights is not None and norm == "frozen_bn" and cfg.init != "imagenet":
+        log.info("model.init=%s: frozen BatchNorm eps %g (%s)", cfg.init, *frozen_bn_eps(cfg.init))
     backbone = build_backbone(cfg, arch, None if whole else weights)
     channels = cfg.fpn_channels
     if arch in TORCHVISION_ARCHS:

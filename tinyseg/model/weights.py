@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ..engine.checkpoint import FORMAT as CHECKPOINT_FORMAT
+
 log = logging.getLogger("tinyseg")
 
 # model.init value -> the torchvision detector whose COCO weights it loads
@@ -90,15 +92,24 @@ def coco_state_dict(init: str, timeout_s: float = 20.0) -> dict:
                                "to start from an ImageNet backbone only", timeout_s)
 
 
-def read_state_dict(path: str) -> dict:
-    """A state dict from a file: plain, or under "state_dict"/"model" (training checkpoints), DDP prefix removed."""
+def load_weights_file(path: str):
     if not Path(path).is_file():
         raise BackboneWeightsError(f"model.init: weights file {path} not found (use imagenet, coco, coco-v2, none, "
                                    "or a path)")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise BackboneWeightsError(f"{path}: cannot be loaded as a plain state dict ({error})") from None
+
+
+def is_tinyseg_checkpoint(loaded) -> bool:
+    return isinstance(loaded, dict) and loaded.get("format") == CHECKPOINT_FORMAT
+
+
+def read_state_dict(path: str, loaded=None) -> dict:
+    """A state dict from a file: plain, or under "state_dict"/"model" (training checkpoints), DDP prefix removed."""
+    if loaded is None:
+        loaded = load_weights_file(path)
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -120,10 +131,19 @@ def trunk_state(state: dict) -> dict:
 def detector_layout(state: dict) -> str | None:
     """The torchvision Mask R-CNN layout of a whole detector's state dict; None for anything else.
 
-    maskrcnn_resnet50_fpn has a two-layer MLP box head and no norm in its FPN and mask head; _v2 has
-    a four-conv box head. A tinyseg model with GroupNorm heads matches neither, so only its trunk is used.
+    Both are a ResNet-50 (3-4-6-3 Bottleneck blocks of width 64) with a 256-channel FPN; any other trunk
+    or width is not theirs, whatever its heads. maskrcnn_resnet50_fpn has a two-layer MLP box head and
+    no norm in its FPN and mask head; _v2 has a four-conv box head. A tinyseg model with frozen BatchNorm
+    and R50/256/1024 has v1's tensors exactly, so only its checkpoint's marker tells it apart
+    (read_init_weights); one with GroupNorm heads matches neither.
     """
     if not any(k.startswith("backbone.body.") for k in state) or not any(k.startswith("roi_heads.") for k in state):
+        return None
+    shapes = {"backbone.body.layer4.2.conv3.weight": (2048, 512, 1, 1),
+              "backbone.fpn.inner_blocks.3.0.weight": (256, 2048, 1, 1)}
+    if any(k not in state or tuple(state[k].shape) != shape for k, shape in shapes.items()):
+        return None
+    if "backbone.body.layer3.6.conv1.weight" in state:  # ResNet-101 and -152 have 23 and 36 blocks there
         return None
     if "roi_heads.box_head.0.0.weight" in state:
         return "maskrcnn_resnet50_fpn_v2"
@@ -141,15 +161,43 @@ def read_init_weights(init: str, backbone: str) -> InitWeights | None:
     if init in COCO_INITS:
         state = upgrade_detector_keys(coco_state_dict(init))
         return InitWeights(state, f"torchvision's COCO {COCO_INITS[init]} ({coco_weights(init)})", COCO_INITS[init])
-    state = upgrade_detector_keys(read_state_dict(init))
+    loaded = load_weights_file(init)
+    if is_tinyseg_checkpoint(loaded):
+        # tinyseg's own run: its trunk, as before whole-detector loading existed. Its heads learnt its
+        # classes; and it is the user's training, not a COCO-pretrained detector (model.allow_detector_init).
+        # The weights that were evaluated: the EMA's when the run kept one (as the Predictor does).
+        which = "ema" if isinstance(loaded.get("ema"), dict) else "model"
+        state = {k.removeprefix("module."): v for k, v in loaded[which].items()}
+        log.info("model.init=%s: a tinyseg checkpoint: loading the backbone trunk of its %s weights", init,
+                 "EMA" if which == "ema" else "model")
+        return InitWeights(state, init, None)
+    state = upgrade_detector_keys(read_state_dict(init, loaded))
     return InitWeights(state, init, detector_layout(state))
 
 
-def upgrade_detector_keys(state: dict) -> dict:
-    """Older torchvision releases named the RPN conv `conv` and the mask head convs `mask_fcnN`.
+def frozen_bn_eps(init: str) -> tuple[float, str]:
+    """The eps of frozen BatchNorm for model.init's weights, and why.
 
-    torchvision renames them on load (RPNHead/MaskRCNNHeads._load_from_state_dict); doing it here
-    lets the key-by-key checks below see one naming.
+    torchvision's COCO_V1 maskrcnn_resnet50_fpn weights were trained with eps 0, and torchvision sets
+    it back for those weights only (maskrcnn_resnet50_fpn: overwrite_eps(model, 0.0) when weights ==
+    COCO_V1). Its ImageNet backbones, the v2 weights and a model trained with weights=None use 1e-5. A
+    file is taken for the COCO_V1 weights by the name torchvision downloads them under. Decided from
+    the setting alone, so a checkpoint's config rebuilds the same model without the file.
+    """
+    coco_v1 = os.path.basename(urlparse(coco_weights("coco").url).path)
+    if init == "coco":
+        return 0.0, "torchvision's COCO_V1 weights were trained with eps 0"
+    if Path(init).name == coco_v1:
+        return 0.0, f"{coco_v1} is torchvision's COCO_V1 file by its name, trained with eps 0"
+    return 1e-5, f"eps 0 only for torchvision's COCO_V1 weights (model.init=coco, or a file named {coco_v1})"
+
+
+def upgrade_detector_keys(state: dict) -> dict:
+    """Older torchvision releases (the COCO_V1 file among them) named the RPN conv `conv`, the mask head
+    convs `mask_fcnN` and the FPN convs `inner_blocks.N` / `layer_blocks.N` (no `.0` of a conv-norm block).
+
+    torchvision renames them on load (RPNHead/MaskRCNNHeads/FeaturePyramidNetwork._load_from_state_dict,
+    state dicts of _version < 2); doing it here lets the key-by-key checks below see one naming.
     """
     renamed = {}
     for key, value in state.items():
@@ -159,6 +207,10 @@ def upgrade_detector_keys(state: dict) -> dict:
             number, _, kind = key.removeprefix("roi_heads.mask_head.mask_fcn").partition(".")
             if number.isdigit():
                 key = f"roi_heads.mask_head.{int(number) - 1}.0.{kind}"
+        elif key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")):
+            blocks, number, kind = key.rsplit(".", 2)
+            if blocks.endswith(("inner_blocks", "layer_blocks")) and number.isdigit():
+                key = f"{blocks}.{number}.0.{kind}"
         renamed[key] = value
     return renamed
 

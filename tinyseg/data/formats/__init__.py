@@ -1,14 +1,17 @@
 """The label formats users bring, read as COCO in memory: labelme folders, YOLO segmentation datasets, VOC
-instance PNGs (one module each, `to_coco(src) -> (coco_dict, image_dir)`), and COCO itself, including the
-quirk of CVAT's COCO export (brush masks written as crowds). `coco_to_yolo` (yolo_export.py) goes back."""
+instance PNGs (one module each, `to_coco(src, split) -> (coco_dict, image_dir, problems)`), and COCO itself,
+including the quirk of CVAT's COCO export (brush masks written as crowds). `coco_to_yolo` (yolo_export.py)
+goes back. Reading never writes into the dataset (labelme's embedded images: embedded.py)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from ...config import CHOICES
 from ..coco import ERROR, WARNING, CocoData, DatasetError, Problem, format_problems, inspect_coco, read_json
+from .common import report
 
 log = logging.getLogger("tinyseg")
 FORMATS = CHOICES[("data", "format")]
@@ -36,25 +39,42 @@ def detect_format(path: str | Path) -> str:
                        " folder (SegmentationObject/) nor a YOLO dataset (data.yaml)")
 
 
-def to_coco(src: str | Path, fmt: str = "auto", split: str = "",
-            problems: list[Problem] | None = None) -> tuple[dict, Path | None]:
-    """(COCO dict, image folder; None for COCO input, whose images are wherever the user says)."""
+def resolve_format(path: str | Path, fmt: str = "auto") -> str:
+    """The format to read `path` as: `fmt`, or when it is auto, the one its layout tells (detect_format)."""
+    return detect_format(path) if fmt == "auto" else fmt
+
+
+def convert_labels(src: str | Path, fmt: str = "auto", split: str = "") -> tuple[Any, Path | None, list[Problem]]:
+    """(COCO dict of what could be converted, image folder, the conversion's problems); raises only when
+    nothing can be read (no such folder, a YAML without names). The image folder is None for COCO input,
+    whose images are wherever the user says."""
     from . import labelme, voc, yolo
 
-    fmt = detect_format(src) if fmt == "auto" else fmt
+    fmt = resolve_format(src, fmt)
     if fmt == "coco":
-        return read_json(src), None
+        return read_json(src), None, []
     modules = {"labelme": labelme, "yolo": yolo, "voc": voc}
     if fmt not in modules:
         raise DatasetError(f"{src}: unknown label format '{fmt}' (one of {', '.join(FORMATS)})")
-    return modules[fmt].to_coco(src, split, problems)
+    return modules[fmt].to_coco(src, split)
+
+
+def to_coco(src: str | Path, fmt: str = "auto", split: str = "",
+            problems: list[Problem] | None = None) -> tuple[Any, Path | None]:
+    """(COCO dict, image folder) or DatasetError listing every error; warnings go to `problems`, or the log."""
+    fmt = resolve_format(src, fmt)
+    raw, image_dir, found = convert_labels(src, fmt, split)
+    if any(p.severity == ERROR for p in found):
+        raise DatasetError(format_problems(found, f"{src}: the {fmt} labels cannot be used"))
+    report(found, problems)
+    return raw, image_dir
 
 
 def inspect_dataset(path: str | Path, require_annotations: bool = True, fmt: str = "auto", split: str = "",
                     crowd_rle_as_instances: bool = False) -> tuple[CocoData | None, list[Problem]]:
-    """inspect_coco for any format: converted in memory, then checked like a COCO file."""
-    converted: list[Problem] = []
-    raw, image_dir = to_coco(path, fmt, split, converted)
+    """inspect_coco for any format: converted in memory, then checked like a COCO file. Like inspect_coco,
+    it returns what could be read and every problem (check-data prints both); load_dataset raises."""
+    raw, image_dir, converted = convert_labels(path, fmt, split)
     if isinstance(raw, dict) and isinstance(raw.get("annotations"), list):
         if crowd_rle_as_instances:
             changed = crowd_rle_to_instances(raw["annotations"])
@@ -82,7 +102,7 @@ def has_separate_val(path: str | Path, fmt: str = "auto") -> bool:
     from .yolo import has_separate_val as yolo_has_val
 
     try:
-        return (detect_format(path) if fmt == "auto" else fmt) == "yolo" and yolo_has_val(path)
+        return resolve_format(path, fmt) == "yolo" and yolo_has_val(path)
     except DatasetError:
         return False
 
@@ -90,7 +110,7 @@ def has_separate_val(path: str | Path, fmt: str = "auto") -> bool:
 def val_split(path: str | Path, fmt: str = "auto") -> str:
     """The split to read for validation: a YOLO dataset YAML's `val`; other formats hold one set."""
     try:
-        return "val" if (detect_format(path) if fmt == "auto" else fmt) == "yolo" else ""
+        return "val" if resolve_format(path, fmt) == "yolo" else ""
     except DatasetError:
         return ""
 

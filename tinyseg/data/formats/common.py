@@ -3,30 +3,68 @@ mask, class-name files, and ignore regions (labelme `__ignore__`, VOC void) turn
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..coco import ERROR, WARNING, DatasetError, Problem, format_problems
+from ..coco import ERROR, WARNING, DatasetError, Problem
 
 log = logging.getLogger("tinyseg")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 EXIF_ORIENTATION = 0x0112
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, as training loads it, from the header only."""
+def image_size(path: Path, content: bytes | None = None) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, as training loads it, from the header only; `content`: the
+    image's bytes when they are not on disk (labelme's embedded imageData), `path` then names them."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(content) if content is not None else path) as image:
             width, height = image.size
             orientation = image.getexif().get(EXIF_ORIENTATION)
     except (OSError, ValueError, SyntaxError) as error:
         raise DatasetError(f"{path}: cannot read the image ({error})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+class UnreadableText(DatasetError):
+    """A text file that cannot be read or is not UTF-8; `problem` names the file and the line."""
+
+    def __init__(self, path: str | Path, entry: str, message: str):
+        super().__init__(f"{path}: {entry}: {message}")
+        self.problem = Problem(str(path), entry, message, ERROR)
+
+
+def read_text(path: str | Path) -> str:
+    """A label, list or names file as text: UTF-8 (a BOM, as Windows editors write, is dropped), or
+    UnreadableText naming the file and the line of the first byte that is not UTF-8."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as error:
+        raise UnreadableText(path, "file", f"cannot be read ({error.strerror or error})") from None
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise UnreadableText(path, f"line {line}", f"not UTF-8 text (byte 0x{content[error.start]:02x}); save the"
+                             " file as UTF-8") from None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A link to `source` (resolved) at `target`, replacing what is there; a copy where links are not allowed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        temp.symlink_to(Path(source).resolve())
+    except OSError:  # no symlinks (Windows without the right): a copy
+        shutil.copy2(source, temp)
+    os.replace(temp, target)
 
 
 def find_image(folder: Path, stem: str) -> Path | None:
@@ -53,7 +91,7 @@ def image_root(default: Path, images: list[Path]) -> Path:
 
 def read_class_names(path: Path) -> list[str]:
     """One name per line, in id order; labelme's `__ignore__` and `_background_` lines are not classes."""
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = [line.strip() for line in read_text(path).splitlines()]
     names = [n for n in names if n and n not in ("__ignore__", "_background_", "background")]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -110,10 +148,18 @@ class CocoBuilder:
         for category_id in touched or [c["id"] for c in self.categories]:
             self.add(image, category_id, segmentation, iscrowd=1)
 
+    def measure(self, image_file: Path, owner: str | Path, entry: str,
+                content: bytes | None = None) -> tuple[int, int] | None:
+        """image_size, or None and an error naming `owner` (the label file) when the image is unreadable."""
+        try:
+            return image_size(image_file, content)
+        except DatasetError as error:
+            self.error(owner, entry, str(error))
+            return None
+
     def result(self) -> dict:
-        """The COCO dict; raises DatasetError listing every error, logs nothing (callers report warnings)."""
-        if any(p.severity == ERROR for p in self.problems):
-            raise DatasetError(format_problems(self.problems, f"{self.source}: the {self.fmt} labels cannot be used"))
+        """The COCO dict of what could be converted; the errors and warnings are in `problems` (load_dataset
+        raises on the errors, check-data lists them next to the statistics of this dict)."""
         return {"info": {"description": f"converted by tinyseg from {self.fmt}: {self.source}"},
                 "images": self.images, "annotations": self.annotations, "categories": self.categories}
 

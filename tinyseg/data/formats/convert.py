@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ...io import write_json
+from .embedded import is_cached, mirror
+
 
 def convert(src: str, output: str, fmt: str = "auto", to: str = "coco", image_dir: str = "", split: str = "",
             crowd_rle_as_instances: bool = False) -> str:
@@ -15,23 +20,14 @@ def convert(src: str, output: str, fmt: str = "auto", to: str = "coco", image_di
         return (f"wrote {output}: {counts['images']} images, {counts['instances']} instances,"
                 f" {counts['categories']} categories (data.yaml, labels/, images/ linked to the originals)")
     data = load_dataset(src, fmt=fmt, split=split, crowd_rle_as_instances=crowd_rle_as_instances)
-    from ...inference.submission import write_json
-
+    folder = data.image_dir or image_dir
+    if data.image_dir and is_cached(data.image_dir):
+        # labelme images only embedded in their JSON: decoded next to the output, never into the source
+        folder = str(Path(output).with_name(f"{Path(output).stem}_images"))
+        mirror(data.image_dir, folder)
     coco = data.to_coco_dict()
     write_json(output, coco)
     crowds = sum(1 for a in coco["annotations"] if a.get("iscrowd"))
-    folder = data.image_dir or image_dir
     where = f"; images in {folder} (its --image-dir)" if folder else ""
     return (f"wrote {output}: {len(coco['images'])} images, {len(coco['annotations']) - crowds} instances"
             f" (+{crowds} crowd regions), {len(coco['categories'])} categories{where}")
-
-
-def labels_image_dir(path: str, fmt: str = "auto") -> str:
-    """The image folder that labels in another format bring ('' for COCO, whose images are given apart)."""
-    from . import detect_format, load_dataset, val_split
-
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "coco":
-        return ""
-    return load_dataset(path, require_annotations=False, fmt=fmt, split=val_split(path, fmt)).image_dir
-

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..coco import DatasetError, Problem, read_json, segmentation_to_rle
-from .common import CocoBuilder, absolute, image_root, image_size, read_class_names, report
+from .common import CocoBuilder, absolute, image_root, read_class_names
 
 IGNORE = "__ignore__"
 NAME_FILES = ("labels.txt", "class_names.txt")
@@ -36,8 +36,9 @@ def is_labelme_file(path: Path) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("shapes"), list)
 
 
-def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = None) -> tuple[dict, Path]:
-    """(COCO dict, image folder) for a folder of labelme JSON files; DatasetError naming file and shape."""
+def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]]:
+    """(COCO dict of what could be converted, image folder, problems naming the file and shape of the rest)
+    for a folder of labelme JSON files. Nothing is written into the folder (embedded.py)."""
     src = Path(src)
     if not src.is_dir():
         raise DatasetError(f"{src}: a labelme dataset is a folder of JSON files; folder not found")
@@ -51,22 +52,42 @@ def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = N
     builder = CocoBuilder(src, "labelme", names)
     for path, _ in skipped:
         builder.warn(path, "top level", "not a labelme file (no 'shapes' list); left out")
-    parsed = []
+    parsed, seen = [], {}
     for path, raw in files:
-        image_file = _image_file(path, raw, builder)
-        if image_file is not None:
-            parsed.append((path, raw, image_file))
-    seen: dict[Path, Path] = {}
-    for path, _, image_file in parsed:
-        other = seen.setdefault(image_file.resolve(), path)
+        found = _image_file(path, raw, builder)
+        if found is None:
+            continue
+        other = seen.setdefault(found[0].resolve(), path)
         if other != path:
-            builder.error(path, "imagePath", f"{image_file} is also the image of {other}")
-    root = image_root(src, [image_file for _, _, image_file in parsed]) if parsed else src
-    for path, raw, image_file in parsed:
-        _convert_file(path, raw, image_file, root, builder)
-    coco = builder.result()
-    report(builder.problems, problems)
-    return coco, root
+            builder.error(path, "imagePath", f"{found[0]} is also the image of {other}")
+            continue
+        parsed.append((path, raw, *found))
+    root = image_root(src, [image_file for _, _, image_file, _ in parsed]) if parsed else src
+    images = []
+    for path, raw, image_file, content in parsed:
+        if _convert_file(path, raw, image_file, content, root, builder):
+            images.append((absolute(image_file).relative_to(root).as_posix(), content or image_file))
+    return builder.result(), _image_folder(src, root, images, builder), builder.problems
+
+
+def _image_folder(src: Path, root: Path, images: list[tuple[str, Path | bytes]], builder: CocoBuilder) -> Path:
+    """`root`, or when some images are only embedded, a cache folder of them all (embedded.py)."""
+    from .embedded import cache_root, image_folder
+
+    embedded = [name for name, source in images if isinstance(source, bytes)]
+    if not embedded:
+        return root
+    try:
+        folder = image_folder(images)
+    except OSError as error:
+        builder.error(src, "imageData", f"{len(embedded)} image(s) only embedded in their JSON ({embedded[0]}, ...)"
+                                        f" could not be decoded into the cache {cache_root()} ({error}); set"
+                                        " XDG_CACHE_HOME to a writable folder, or save the images beside the JSON")
+        return root
+    builder.warn(src, "imageData", f"{len(embedded)} image(s) only embedded in their JSON ({embedded[0]}, ...):"
+                                   f" read from {folder}, which holds them decoded and links to the other images;"
+                                   f" nothing is written into {src}")
+    return folder
 
 
 def _class_names(src: Path, files: list[tuple[Path, dict]]) -> list[str]:
@@ -77,9 +98,9 @@ def _class_names(src: Path, files: list[tuple[Path, dict]]) -> list[str]:
     return sorted(str(label) for label in labels if isinstance(label, str) and label and label != IGNORE)
 
 
-def _image_file(path: Path, raw: dict, builder: CocoBuilder) -> Path | None:
-    """The image beside the JSON (imagePath is relative to the JSON's folder); an embedded-only image
-    (imageData without the file) is written out next to the JSON, as labelme would have saved it."""
+def _image_file(path: Path, raw: dict, builder: CocoBuilder) -> tuple[Path, bytes | None] | None:
+    """(the image beside the JSON (imagePath is relative to the JSON's folder), None), or for an
+    embedded-only image (imageData without the file) (where labelme would have saved it, its bytes)."""
     image_path = raw.get("imagePath") or ""
     if not isinstance(image_path, str):
         builder.error(path, "imagePath", f"must be a file name, got {type(image_path).__name__}")
@@ -87,7 +108,7 @@ def _image_file(path: Path, raw: dict, builder: CocoBuilder) -> Path | None:
     image_path = image_path.replace("\\", "/")
     candidate = path.parent / image_path if image_path else None
     if candidate is not None and candidate.is_file():
-        return candidate
+        return candidate, None
     data = raw.get("imageData")
     if not data:
         where = f"'{image_path}': {candidate}" if image_path else "missing"
@@ -97,30 +118,25 @@ def _image_file(path: Path, raw: dict, builder: CocoBuilder) -> Path | None:
         content = base64.b64decode(data, validate=False)
         with Image.open(io.BytesIO(content)) as image:
             suffix = PIL_SUFFIX.get(image.format or "", ".png")
-    except (ValueError, OSError) as error:
+    except (ValueError, TypeError, OSError) as error:
         builder.error(path, "imageData", f"not a base64-encoded image ({error})")
         return None
     target = path.parent / (Path(image_path).name if image_path else path.stem + suffix)
-    if not target.is_file():
-        from ...engine.checkpoint import atomic_write
-
-        try:
-            atomic_write(target, lambda out: out.write(content))
-        except OSError as error:
-            builder.error(path, "imageData", f"the image is only embedded and could not be written to {target}"
-                                             f" ({error}); save the image beside the JSON")
-            return None
-        builder.warn(path, "imageData", f"image only embedded in the JSON; written to {target}")
-    return target
+    return (target, None) if target.is_file() else (target, content)
 
 
-def _convert_file(path: Path, raw: dict, image_file: Path, root: Path, builder: CocoBuilder) -> None:
-    width, height = image_size(image_file)
+def _convert_file(path: Path, raw: dict, image_file: Path, content: bytes | None, root: Path,
+                  builder: CocoBuilder) -> bool:
+    """Add the image and its instances; False when the image itself cannot be used."""
+    size = builder.measure(image_file, path, "imageData" if content is not None else "imagePath", content)
+    if size is None:
+        return False
+    width, height = size
     stated = (raw.get("imageWidth"), raw.get("imageHeight"))
     if stated != (None, None) and stated != (width, height):
         builder.error(path, "imageWidth/imageHeight", f"{stated[0]}x{stated[1]} differs from the image"
                                                       f" {image_file} ({width}x{height})")
-        return
+        return False
     image = builder.add_image(absolute(image_file).relative_to(root).as_posix(), width, height)
     groups: dict[tuple, list[tuple[int, Any]]] = {}
     for index, shape in enumerate(raw["shapes"]):
@@ -147,6 +163,7 @@ def _convert_file(path: Path, raw: dict, image_file: Path, root: Path, builder: 
         instances.append((annotation["category_id"], _mask(segmentation, height, width)))
     for segmentation in ignores:
         builder.add_ignore(image, segmentation, _mask(segmentation, height, width), instances)
+    return True
 
 
 def _shape_part(path: Path, index: int, shape: Any, width: int, height: int, builder: CocoBuilder) -> Any:
@@ -204,7 +221,7 @@ def _mask_shape(path: Path, where: str, shape: dict, points: np.ndarray, width: 
     try:
         with Image.open(io.BytesIO(base64.b64decode(shape.get("mask") or "", validate=False))) as picture:
             crop = np.asarray(picture.convert("L")) > 0
-    except (ValueError, OSError) as error:
+    except (ValueError, TypeError, OSError) as error:
         builder.error(path, where, f"'mask' is not a base64-encoded PNG ({error})")
         return None
     x0, y0 = (int(round(v)) for v in points.min(axis=0))

@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..coco import DatasetError, Problem
-from .common import (CocoBuilder, absolute, dilate, find_image, image_size, mask_to_rle, read_class_names,
-                     report)
+from .common import CocoBuilder, absolute, dilate, find_image, mask_to_rle, read_class_names, read_text
 
 VOID = 255
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -30,8 +29,9 @@ def is_voc_folder(path: Path) -> bool:
     return (path / "SegmentationObject").is_dir()
 
 
-def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = None) -> tuple[dict, Path]:
-    """(COCO dict, JPEGImages folder); `split` picks ImageSets/Segmentation/<split>.txt, default every PNG."""
+def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]]:
+    """(COCO dict of what could be read, JPEGImages folder, problems naming the PNG and object of the rest);
+    `split` picks ImageSets/Segmentation/<split>.txt, default every PNG."""
     src = Path(src)
     objects, classes, photos = src / "SegmentationObject", src / "SegmentationClass", src / "JPEGImages"
     for folder in (objects, classes, photos):
@@ -41,9 +41,7 @@ def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = N
     builder = CocoBuilder(src, "voc", names)
     for stem in _stems(src, objects, split):
         _convert_image(stem, objects, classes, photos, names, builder)
-    coco = builder.result()
-    report(builder.problems, problems)
-    return coco, absolute(photos)
+    return builder.result(), absolute(photos), builder.problems
 
 
 def _class_names(src: Path) -> list[str]:
@@ -59,7 +57,7 @@ def _stems(src: Path, objects: Path, split: str) -> list[str]:
     listing = src / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not listing.is_file():
         raise DatasetError(f"{src}: no split '{split}' ({listing} not found)")
-    return [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(listing).splitlines() if line.strip()]
 
 
 def _index_png(path: Path, builder: CocoBuilder) -> np.ndarray | None:
@@ -85,7 +83,10 @@ def _convert_image(stem: str, objects: Path, classes: Path, photos: Path, names:
     if photo is None:
         builder.error(object_png, "JPEGImages", f"no photo {stem}.jpg (or .png) in {photos}")
         return
-    width, height = image_size(photo)
+    size = builder.measure(photo, object_png, "JPEGImages")
+    if size is None:
+        return
+    width, height = size
     index, klass = _index_png(object_png, builder), _index_png(class_png, builder)
     if index is None or klass is None:
         return

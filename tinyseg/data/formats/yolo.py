@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..coco import DatasetError, Problem
-from .common import IMAGE_SUFFIXES, CocoBuilder, absolute, image_root, image_size, report
+from .common import IMAGE_SUFFIXES, CocoBuilder, UnreadableText, absolute, image_root, read_text
 
 # Normalised coordinates a little outside [0, 1] are rounding; far outside, they are pixels.
 COORD_SLACK = 0.01
@@ -48,8 +48,8 @@ def dataset_yaml(src: str | Path) -> Path:
 def read_dataset(src: str | Path) -> tuple[Path, dict]:
     path = dataset_yaml(src)
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        config = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as error:
         raise DatasetError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(config, dict):
         raise DatasetError(f"{path}: expected a mapping with path, train, val and names")
@@ -60,23 +60,33 @@ def class_names(path: Path, config: dict) -> tuple[list[str], list[int]]:
     """(names by class index, COCO category id of each)."""
     names = config.get("names")
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise DatasetError(f"{path}: names: the keys must be the class indices 0..{len(names) - 1},"
-                               f" got {sorted(names)}")
-        names = [names[i] for i in range(len(names))]
+        keys = list(names)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) \
+                or sorted(keys) != list(range(len(keys))):
+            raise DatasetError(f"{path}: names: the keys must be the class indices 0..{len(keys) - 1},"
+                               f" got {', '.join(repr(k) for k in keys)}")
+        names = [names[i] for i in range(len(keys))]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{path}: names: missing, or not a list / index mapping of class names")
+    for index, name in enumerate(names):
+        # YAML reads an unquoted `no` or `on` as a boolean and `~` as null: not what the user named the class
+        if isinstance(name, bool) or not isinstance(name, (str, int, float)) or str(name) == "":
+            raise DatasetError(f"{path}: names[{index}]: a class name must be a string, got {name!r}"
+                               " (quote it in the YAML)")
     names = [str(n) for n in names]
     ids = config.get("category_ids")
     if ids is None:
         return names, list(range(1, len(names) + 1))
-    if not (isinstance(ids, list) and len(ids) == len(names) and all(isinstance(i, int) for i in ids)
+    if not (isinstance(ids, list) and len(ids) == len(names)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
             and len(set(ids)) == len(ids)):
         raise DatasetError(f"{path}: category_ids must list one distinct integer per name ({len(names)})")
     return names, ids
 
 
 def split_entries(path: Path, config: dict, split: str) -> list[Path]:
+    if not isinstance(config.get("path") or "", str):
+        raise DatasetError(f"{path}: path: must be a folder name, got {config['path']!r}")
     root = Path(config.get("path") or path.parent)
     if not root.is_absolute():
         root = path.parent / root
@@ -112,7 +122,7 @@ def split_images(path: Path, config: dict, split: str) -> tuple[list[Path], Path
         if entry.is_dir():
             images += sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif entry.suffix == ".txt":  # a list file: one image path per line, relative to the list's folder
-            for line in entry.read_text(encoding="utf-8").splitlines():
+            for line in read_text(entry).splitlines():
                 if line.strip():
                     image = Path(line.strip())
                     images.append(image if image.is_absolute() else entry.parent / image)
@@ -124,8 +134,9 @@ def split_images(path: Path, config: dict, split: str) -> tuple[list[Path], Path
     return images, image_root(default, images)
 
 
-def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = None) -> tuple[dict, Path]:
-    """(COCO dict, image folder) of one split (default train) of a YOLO segmentation dataset."""
+def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]]:
+    """(COCO dict, image folder, problems) of one split (default train) of a YOLO segmentation dataset; the
+    dict holds what could be read, the problems name the label file and line of what could not."""
     path, config = read_dataset(src)
     split = split or "train"
     names, ids = class_names(path, config)
@@ -135,19 +146,22 @@ def to_coco(src: str | Path, split: str = "", problems: list[Problem] | None = N
         if not image_file.is_file():
             builder.error(path, split, f"image {image_file} not found")
             continue
-        width, height = image_size(image_file)
-        image = builder.add_image(absolute(image_file).relative_to(root).as_posix(), width, height)
+        size = builder.measure(image_file, path, split)
+        if size is None:
+            continue
+        image = builder.add_image(absolute(image_file).relative_to(root).as_posix(), *size)
         labels = label_path(image_file)
         if labels.is_file():
-            _read_labels(labels, image, ids, path, builder)
-    coco = builder.result()
-    report(builder.problems, problems)
-    return coco, root
+            try:
+                _read_labels(labels, read_text(labels), image, ids, path, builder)
+            except UnreadableText as error:
+                builder.problems.append(error.problem)
+    return builder.result(), root, builder.problems
 
 
-def _read_labels(labels: Path, image: dict, ids: list[int], yaml_path: Path, builder: CocoBuilder) -> None:
+def _read_labels(labels: Path, text: str, image: dict, ids: list[int], yaml_path: Path, builder: CocoBuilder) -> None:
     width, height = image["width"], image["height"]
-    for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue

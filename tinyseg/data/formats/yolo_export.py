@@ -13,14 +13,16 @@ Crowd annotations have no YOLO form and are left out.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from ...io import atomic_write, atomic_write_text
 from ..coco import DatasetError
+from .common import link_or_copy
+from .embedded import is_cached
 from .yolo import label_path
 
 log = logging.getLogger("tinyseg")
@@ -29,7 +31,6 @@ log = logging.getLogger("tinyseg")
 def coco_to_yolo(src: str | Path, image_dir: str | Path | None, out_dir: str | Path, fmt: str = "auto",
                  crowd_rle_as_instances: bool = False, split: str = "") -> dict[str, Any]:
     """Write the YOLO dataset; returns counts for the summary line. Every image is checked first."""
-    from ...engine.checkpoint import atomic_write_text
     from ..images import check_images, image_path
     from . import load_dataset
 
@@ -50,7 +51,11 @@ def coco_to_yolo(src: str | Path, image_dir: str | Path | None, out_dir: str | P
     instances = 0
     for record in data.images:
         target = out / "images" / record.file_name
-        _link(image_path(image_dir, record.file_name), target)
+        source = image_path(image_dir, record.file_name)
+        if is_cached(source):  # a labelme image only embedded in its JSON: copied, the cache is not kept
+            atomic_write(target, lambda out, content=source.read_bytes(): out.write(content))
+        else:
+            link_or_copy(source, target)
         lines = []
         for annotation in record.annotations:
             if annotation.get("iscrowd"):
@@ -69,14 +74,6 @@ def coco_to_yolo(src: str | Path, image_dir: str | Path | None, out_dir: str | P
               "# training for an honest val score. category_ids: the COCO ids of classes 0..K-1.\n")
     atomic_write_text(out / "data.yaml", header + yaml.safe_dump(description, sort_keys=False, allow_unicode=True))
     return {"images": len(data.images), "instances": instances, "categories": len(classes)}
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        target.symlink_to(source.resolve())
-    except OSError:  # no symlinks (Windows without the right): a copy
-        shutil.copy2(source, target)
 
 
 def instance_polygon(segmentation: Any, height: int, width: int) -> np.ndarray | None:
