@@ -58,7 +58,7 @@ if [[ $DRY == 1 ]]; then
     ITERS=${ITERS:-2} EXTRA_ITERS=${EXTRA_ITERS:-2} DDP_ITERS=${DDP_ITERS:-2}
     # amp=auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); emulated bf16 elsewhere made
     # each tiny step 3 s instead of a fraction of one, for no extra coverage (fp16 + GradScaler is CUDA's).
-    SETTINGS=(train.device=cpu train.amp=auto data.num_workers=0 eval.ci_resamples=0
+    SETTINGS=(train.device=cpu train.amp=auto data.num_workers=0 eval.ci_resamples=0 train.report=false
               model.backbone=resnet18 model.fpn_channels=32 model.box_head_dim=128
               model.rpn_batch_size_per_image=64 model.box_batch_size_per_image=32
               model.rpn_post_nms_top_n_train=200 model.rpn_post_nms_top_n_test=200

@@ -53,10 +53,25 @@ def main() -> int:
               "iterations": summary["iterations"], "images_seen": summary["images_seen"],
               "segm_AP50": best.get("segm_AP50"), "segm_AP": best.get("segm_AP"), "bbox_AP50": best.get("bbox_AP50"),
               "overrides": args.overrides, "run_dir": run_dir, "train_seconds": round(summary["seconds"], 1),
-              "machine": machine(), "commit": commit()}
+              "machine": machine(), "commit": commit(), **val_intervals(Path(run_dir))}
     print(json.dumps(result, indent=2))
     write_result(args.json, result)
     return 0
+
+
+def val_intervals(run_dir: Path) -> dict:
+    """The 95% bootstrap intervals of the final val evaluation (eval.ci_resamples), as the trainer wrote them."""
+    path = run_dir / "val_results.json"
+    if not path.exists():
+        return {}
+    results = json.loads(path.read_text())
+    out = {}
+    for kind in ("segm", "bbox"):
+        ci = (results.get(kind) or {}).get("ci")
+        if ci:
+            out[f"{kind}_AP50_ci"], out[f"{kind}_AP_ci"] = ci["AP50"], ci["AP"]
+            out["ci_method"] = f"{ci['method']}, {ci['resamples']} resamples, level {ci['level']}"
+    return out
 
 
 if __name__ == "__main__":

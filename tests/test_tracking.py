@@ -34,7 +34,8 @@ def test_training_logs_config_metrics_and_artifacts(shapes, tmp_path, store):
     from tinyseg.engine.trainer import train
 
     run_dir = tmp_path / "run"
-    train(tiny_config(shapes, run_dir, "solver.max_iters=2", "train.mlflow=true", "train.mlflow_experiment=tiny"))
+    train(tiny_config(shapes, run_dir, "solver.max_iters=2", "train.mlflow=true", "train.mlflow_experiment=tiny",
+                       "train.report=true"))
     client = _client(store)
     run_id = json.loads((run_dir / RUN_FILE).read_text())["run_id"]
     run = client.get_run(run_id)

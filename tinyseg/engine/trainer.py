@@ -172,7 +172,8 @@ class Trainer:
         finally:
             self.logger.close()
         if self.main:
-            self._write_report()
+            if self.cfg.train.report:
+                self._write_report()
             self.logger.finish()  # MLflow, when on: the checkpoint and report as artifacts
         s = self.cfg.solver
         return {"best": self.best, "epochs": self.epoch, "iterations": self.iteration,
