@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from roofline import synchronize  # noqa: E402
-from tinyseg.config import ModelConfig  # noqa: E402
+from tinyseg.config import InputConfig, ModelConfig, PredictConfig  # noqa: E402
 
 
 def tinyseg_amp(device: str):
-    from tinyseg.engine.precision import resolve_amp
+    from tinyseg.runtime.precision import resolve_amp
 
     return resolve_amp("auto", torch.device(device))  # bf16 on CPUs that have it; fp16/bf16 on CUDA
 
@@ -43,7 +43,8 @@ def benchmark_model(backbone: str, size: int, small: bool = False) -> torch.nn.M
 
     torch.manual_seed(0)
     config = ModelConfig(backbone=backbone, init="none", norm="frozen_bn", **(SMALL_HEADS if small else {}))
-    return build_model(config, 21, size, 1333, score_thresh=0.0)
+    return build_model(config, 21, test=InputConfig(test_min_size=size, test_max_size=1333),
+                       predict=PredictConfig(score_thresh=0.0))
 
 
 def build(backbone: str, size: int, reference_side: bool, device: str = "cpu", training: bool = True,
@@ -70,15 +71,16 @@ def reference_checkpoint_model(path: str, device: str):
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from tinyseg.config import config_from_dict
-    from tinyseg.engine.checkpoint import checkpoint_categories, load_checkpoint
+    from tinyseg.data.coco import CategoryMap
+    from tinyseg.runtime.checkpoint import load_checkpoint
     from tinyseg.model import build_model
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    categories = checkpoint_categories(state)
-    i, p = config.input, config.predict
-    model = build_model(config.model, categories.num_classes, i.test_min_size, i.test_max_size, p.score_thresh,
-                        p.max_detections, p.nms_thresh, load_weights=False)
+    categories = CategoryMap.from_dict(state["categories"])
+    i = config.input
+    model = build_model(config.model, categories.num_classes, load_weights=False, test=config.input,
+                        predict=config.predict)
     model.load_state_dict(state.get("ema") or state["model"])
     model.transform = GeneralizedRCNNTransform(i.test_min_size, i.test_max_size, model.transform.image_mean,
                                                model.transform.image_std)

@@ -24,7 +24,7 @@ from machine_info import write_result  # noqa: E402
 def check_checkpoint(path: str, iterations: int, ema: bool) -> dict:
     import torch
 
-    from tinyseg.engine.checkpoint import load_checkpoint
+    from tinyseg.runtime.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
     weights = state.get("ema") if ema else state["model"]

@@ -66,7 +66,7 @@ def write_result(path: str | None, result: dict) -> None:
     """Write a benchmark result as JSON (atomically), when a path is given, with the machine fields added
     (a field the result already has wins)."""
     if path:
-        from tinyseg.engine.checkpoint import atomic_write_text
+        from tinyseg.runtime.files import atomic_write_text
 
         fields = {"machine": machine(), **machine_info(), "commit": commit()}
         atomic_write_text(path, json.dumps({**fields, **result}, indent=2))

@@ -80,7 +80,8 @@ def tinyseg_model(job: PredictJob):
     from tinyseg.config import load_config
     from tinyseg.data.coco import CategoryMap
     from tinyseg.inference.predictor import load_model
-    from tinyseg.model import prepare_for_inference, set_inference_options
+    from tinyseg.config import InputConfig
+    from tinyseg.model import apply_inference_settings, prepare_for_inference
 
     if job.checkpoint:
         loaded = load_model(job.checkpoint, job.device, {"tta": False} if job.settings == "tta-off" else None)
@@ -89,13 +90,13 @@ def tinyseg_model(job: PredictJob):
     predict = None
     if job.settings == "default":
         predict = load_config(job.preset).predict
-        set_inference_options(model, job.size, 1333, predict.score_thresh, predict.max_detections, predict.nms_thresh)
+        apply_inference_settings(model, InputConfig(test_min_size=job.size, test_max_size=1333), predict)
     prepare_for_inference(model, tinyseg_amp(job.device), True)
     return model, CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)]), predict
 
 
 def run_tinyseg(model, categories, predict, job: PredictJob, scratch: str, entries=None) -> int:
-    """What `tinyseg predict` does (inference/run.py::run_predict), per image folder; detections written.
+    """What `tinyseg predict` does (inference/jobs.py::run_predict), per image folder; detections written.
 
     On a CPU one image at a time with no loader workers, as `tinyseg predict` does there, so both sides
     count their own process only (on CUDA the loader workers' memory is not counted)."""

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from machine_info import commit, machine, write_result  # noqa: E402  (one result writer for every benchmark)
 from tinyseg.config import load_config  # noqa: E402
-from tinyseg.engine.trainer import train  # noqa: E402
+from tinyseg.training.trainer import train  # noqa: E402
 
 
 def main() -> int:

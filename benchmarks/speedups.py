@@ -127,15 +127,15 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
     from tinyseg.inference.predictor import predict_images
     from tinyseg.inference.submission import submission_entries, write_submission
     from tinyseg.model import set_precision
-    from tinyseg.model.build import InferenceAmp
-    from tinyseg.model.inference import cast_autocast_weights, conv_heads_channels_last, fold_frozen_batchnorm
+    from tinyseg.model.detector import InferenceAmp
+    from tinyseg.model.for_inference import cast_autocast_weights, conv_heads_channels_last, fold_frozen_batchnorm
 
     model = plain_model().eval()
     if not no_fold:
         fold_frozen_batchnorm(model.backbone.body)
     set_precision(model, amp, channels_last)
     if channels_last:
-        conv_heads_channels_last(model)  # the steps of model/inference.py::prepare_for_inference, one by one
+        conv_heads_channels_last(model)  # the steps of model/for_inference.py::prepare_for_inference, one by one
     if heads_fp32:
         for module in model.modules():
             if isinstance(module, InferenceAmp):

@@ -51,7 +51,7 @@ def tiny_config(shapes, output_dir, *extra: str):
 @pytest.fixture(scope="session")
 def trained_run(shapes, tmp_path_factory):
     """One short training, shared by the tests that need a trained checkpoint."""
-    from tinyseg.engine.trainer import train
+    from tinyseg.training.trainer import train
 
     run_dir = tmp_path_factory.mktemp("trained")
     # Train on the train images and validate on the same images: the overfitting check.

@@ -80,7 +80,7 @@ def test_check_data_catches_size_mismatch_and_bad_images(shapes, tmp_path):
 
 def test_evaluate_checks_interval_options_before_predicting(shapes, tmp_path, monkeypatch, capsys):
     """A bad --ci-level / --resamples is refused at once, not after a whole prediction (in process)."""
-    import tinyseg.inference.run as run
+    import tinyseg.inference.jobs as run
     from tinyseg.cli import main
 
     def predict(*args, **kwargs):

@@ -190,7 +190,7 @@ def test_categories_without_instances_are_listed(tmp_path):
     assert len(warnings) == 1 and warnings[0].severity == "warning"
     assert "2 of 3 categories" in warnings[0].message and "4 ghost" in warnings[0].message
     assert "9 crowd" in warnings[0].message and "1 thing" not in warnings[0].message
-    from tinyseg.data.report import check_dataset
+    from tinyseg.data.check import check_dataset
 
     report, usable = check_dataset(str(path), str(tmp_path), 10**8)
     assert "1 warning" in report and "4 ghost" in report

@@ -83,7 +83,7 @@ def test_cross_validation_on_fruits_nuts_end_to_end(tmp_path, monkeypatch, capsy
     assert all(line in printed for line in ("\nmean ", "\nstd ", "\nmin ", "\nmax "))
 
     # The same command again, in process: every fold is finished, so nothing trains; same summary.
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
     from tinyseg.api import cross_validate
     from tinyseg.config import ConfigError
 
@@ -121,8 +121,8 @@ def test_fold_files_keep_category_ids_and_read_back(shapes, tmp_path):
     """Each fold file has every category (ids 3, 7, 12 here) and passes the loader, also when the source
     file's annotations carry no ids (the fold files are written from the loaded data)."""
     from tinyseg.config import load_config
-    from tinyseg.engine.cv import coco_subset, plan_folds
-    from tinyseg.inference.submission import write_json
+    from tinyseg.training.cross_validation import coco_subset, plan_folds
+    from tinyseg.runtime.files import write_json
 
     source = json.loads(shapes["train"].read_text())
     for annotation in source["annotations"]:
@@ -143,10 +143,10 @@ def test_fold_files_keep_category_ids_and_read_back(shapes, tmp_path):
 
 def test_fold_result_records_the_best_epoch_as_a_number(tmp_path, monkeypatch):
     """fold_result.json's best_epoch is the epoch (the trainer's best is a dict of that epoch's metrics)."""
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
     from tinyseg.config import Config
-    from tinyseg.engine.cv import Fold, _train_fold
-    from tinyseg.inference.submission import write_json
+    from tinyseg.training.cross_validation import Fold, _train_fold
+    from tinyseg.runtime.files import write_json
 
     class Trained:
         def __init__(self, config, resume=False):

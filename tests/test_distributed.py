@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from tinyseg.engine.checkpoint import load_checkpoint
-from tinyseg.engine.logger import read_metrics
+from tinyseg.runtime.checkpoint import load_checkpoint
+from tinyseg.runtime.metrics_log import read_metrics
 
 from conftest import ROOT, TINY
 
@@ -80,7 +80,7 @@ def test_two_processes_match_one_at_the_same_global_batch(square_shapes, tmp_pat
 def initial_weights(run_dir):
     """The weights both runs started from: the trainer seeds, then builds the model."""
     from tinyseg.config import config_from_dict
-    from tinyseg.engine.trainer import seed_everything
+    from tinyseg.training.trainer import seed_everything
     from tinyseg.model import build_model
 
     state = load_checkpoint(run_dir / "last.pt")

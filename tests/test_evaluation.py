@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tinyseg.evaluation.coco_eval import STAT_NAMES, evaluate_detections
-from tinyseg.inference.run import PredictJob, run_predict
+from tinyseg.inference.jobs import PredictJob, run_predict
 
 
 @pytest.fixture(scope="module")

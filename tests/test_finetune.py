@@ -133,8 +133,8 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_finetune_from_a_detector_file_trains_and_predicts_without_the_file(shapes, tmp_path, detector_files,
                                                                              monkeypatch):
     from tinyseg import Predictor
-    from tinyseg.engine.checkpoint import load_checkpoint
-    from tinyseg.engine.trainer import Trainer, train
+    from tinyseg.runtime.checkpoint import load_checkpoint
+    from tinyseg.training.trainer import Trainer, train
 
     monkeypatch.setattr(Trainer, "_write_report", lambda self: None)  # plots cost seconds; tested elsewhere
 
@@ -232,7 +232,7 @@ def test_a_tinyseg_checkpoint_gives_its_trunk_and_is_no_coco_detector(tmp_path, 
     refuse detector weights (tinyvoc)."""
     import torchvision
 
-    from tinyseg.engine.checkpoint import save_checkpoint
+    from tinyseg.runtime.checkpoint import save_checkpoint
 
     trunk_file = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), trunk_file)

@@ -212,7 +212,7 @@ def test_yolo_labels_and_bad_lines(tmp_path):
 
 
 def test_yolo_val_split_is_the_validation_set(tmp_path, shapes):
-    from tinyseg.data.build import build_training_data
+    from tinyseg.data.training_data import build_training_data
 
     from conftest import tiny_config
 
@@ -323,8 +323,8 @@ def test_train_takes_a_labelme_folder(tmp_path, capsys):
 
 
 def test_check_data_and_evaluate_read_a_labelme_folder(tmp_path):
-    from tinyseg.data.report import check_dataset
-    from tinyseg.inference.run import run_evaluate
+    from tinyseg.data.check import check_dataset
+    from tinyseg.inference.jobs import run_evaluate
 
     synthetic_labelme_folder(tmp_path, count=2)
     report, usable = check_dataset(str(tmp_path), "", 10**8)

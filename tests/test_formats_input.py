@@ -21,7 +21,7 @@ def test_reading_embedded_labelme_images_writes_nothing_into_the_dataset(tmp_pat
     """check-data, train and evaluate read the embedded image from the cache; only convert writes it, next to
     its output."""
     from tinyseg.data.images import image_path, load_rgb
-    from tinyseg.data.report import check_dataset
+    from tinyseg.data.check import check_dataset
 
     lm = tmp_path / "lm"
     buffer = io.BytesIO()

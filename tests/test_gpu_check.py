@@ -100,14 +100,14 @@ def test_reference_loop_trains_and_predicts_under_autocast(shapes, tmp_path):
     import reference_loop as reference
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from tinyseg.config import ModelConfig
+    from tinyseg.config import InputConfig, ModelConfig, PredictConfig
     from tinyseg.inference.submission import validate_submission
     from tinyseg.model import build_model
 
     dataset = reference.TutorialDataset(str(shapes["train"]), str(shapes["images"]))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4, 96, 160,
-                        score_thresh=0.0)
+    model = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4,
+                        test=InputConfig(test_min_size=96, test_max_size=160), predict=PredictConfig(score_thresh=0.0))
     model.transform = GeneralizedRCNNTransform(96, 160, model.transform.image_mean, model.transform.image_std)
     before = [p.detach().clone() for p in model.parameters()]
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=reference.collate)

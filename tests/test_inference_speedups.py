@@ -9,12 +9,12 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from tinyseg.config import ModelConfig
+from tinyseg.config import InputConfig, ModelConfig, PredictConfig
 from tinyseg.data.coco import CategoryMap
 from tinyseg.inference.masks import encode_masks, paste_masks_binary
 from tinyseg.inference.predictor import to_coco_results
 from tinyseg.model import build_model, prepare_for_inference
-from tinyseg.model.inference import fold_frozen_batchnorm
+from tinyseg.model.for_inference import fold_frozen_batchnorm
 from tinyseg.model.roi_pool import ParallelMultiScaleRoIAlign
 
 
@@ -42,7 +42,8 @@ def test_parallel_roi_align_equals_torchvision(monkeypatch):
 def frozen_bn_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", init="none", norm="frozen_bn", fpn_channels=32,
-                                    box_head_dim=64), 4, 128, 160, score_thresh=0.0)
+                                    box_head_dim=64), 4,
+                        test=InputConfig(test_min_size=128, test_max_size=160), predict=PredictConfig(score_thresh=0.0))
     for module in model.modules():  # statistics as a pretrained trunk would have them
         if isinstance(module, FrozenBatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from tinyseg.config import ModelConfig
+from tinyseg.config import InputConfig, ModelConfig, PredictConfig
 from tinyseg.inference.submission import validate_submission
 from tinyseg.model import build_model
 
@@ -21,7 +21,8 @@ import reference_loop as reference  # noqa: E402
 def tiny_reference_model(num_classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64),
-                        num_classes, 96, 160, score_thresh=0.0)
+                        num_classes, test=InputConfig(test_min_size=96, test_max_size=160),
+                        predict=PredictConfig(score_thresh=0.0))
     # as throughput.py's reference side: the tutorial model resizes inside, fp32, plain layout
     model.transform = GeneralizedRCNNTransform(96, 160, model.transform.image_mean, model.transform.image_std)
     return model

@@ -7,7 +7,7 @@ import math
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-import tinyseg.report as report
+import tinyseg.training.report as report
 from tinyseg.config import Config
 from tinyseg.data.coco import segmentation_to_rle
 from tinyseg.evaluation.coco_eval import evaluate_detections

@@ -43,12 +43,13 @@ def test_peak_is_twice_n_cubed_over_the_best_run(monkeypatch):
 
 
 def tiny_model():
-    from tinyseg.config import ModelConfig
+    from tinyseg.config import InputConfig, ModelConfig, PredictConfig
     from tinyseg.model import build_model
 
     torch.manual_seed(0)
-    return build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4, 96, 160,
-                       score_thresh=0.0).eval()
+    return build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4,
+                       test=InputConfig(test_min_size=96, test_max_size=160),
+                       predict=PredictConfig(score_thresh=0.0)).eval()
 
 
 def test_model_flops_split_the_model_into_stages():

@@ -6,8 +6,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tinyseg.engine.checkpoint import CheckpointError
-from tinyseg.inference.run import PredictJob, run_predict
+from tinyseg.runtime.checkpoint import CheckpointError
+from tinyseg.inference.jobs import PredictJob, run_predict
 from tinyseg.inference.submission import validate_submission
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tinyseg.config import Config, ConfigError
-from tinyseg.engine.logger import MetricsLogger, read_metrics
-from tinyseg.engine.tracking import RUN_FILE, start_tracking
+from tinyseg.runtime.metrics_log import MetricsLogger, read_metrics
+from tinyseg.training.tracking import RUN_FILE, start_tracking
 
 from conftest import tiny_config
 
@@ -31,7 +31,7 @@ def _client(uri):
 
 
 def test_training_logs_config_metrics_and_artifacts(shapes, tmp_path, store):
-    from tinyseg.engine.trainer import train
+    from tinyseg.training.trainer import train
 
     run_dir = tmp_path / "run"
     train(tiny_config(shapes, run_dir, "solver.max_iters=2", "train.mlflow=true", "train.mlflow_experiment=tiny",
@@ -57,7 +57,7 @@ def test_training_logs_config_metrics_and_artifacts(shapes, tmp_path, store):
 def test_a_failed_run_is_marked_and_a_resume_continues_it(tmp_path, store):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    logger = MetricsLogger(run_dir, config=Config())
+    logger = MetricsLogger(run_dir, tracker=start_tracking(Config(), run_dir))
     logger.log({"kind": "train", "epoch": 1, "iteration": 1, "loss": 2.0, "lr": 0.01, "time": 1.0e9})
     with pytest.raises(RuntimeError):
         try:
@@ -67,7 +67,7 @@ def test_a_failed_run_is_marked_and_a_resume_continues_it(tmp_path, store):
     run_id = logger.tracker.run_id
     assert _client(store).get_run(run_id).info.status == "FAILED"
 
-    resumed = MetricsLogger(run_dir, config=Config(), resume=True)
+    resumed = MetricsLogger(run_dir, tracker=start_tracking(Config(), run_dir, resume=True))
     assert resumed.tracker.run_id == run_id
     resumed.log({"kind": "train", "epoch": 1, "iteration": 2, "loss": 1.0, "lr": 0.01, "time": 1.0e9 + 5})
     resumed.close()
@@ -75,7 +75,7 @@ def test_a_failed_run_is_marked_and_a_resume_continues_it(tmp_path, store):
     run = _client(store).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in _client(store).get_metric_history(run_id, "loss")] == [(1, 2.0), (2, 1.0)]
-    assert MetricsLogger(run_dir, config=Config()).tracker.run_id != run_id  # no resume: a new run
+    assert MetricsLogger(run_dir, tracker=start_tracking(Config(), run_dir)).tracker.run_id != run_id  # no resume: a new run
 
 
 def test_inside_the_callers_run_it_logs_there_and_leaves_the_run_open(tmp_path, store, monkeypatch):
@@ -83,7 +83,7 @@ def test_inside_the_callers_run_it_logs_there_and_leaves_the_run_open(tmp_path, 
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the caller's own run needs it for a file store
     with mlflow.start_run() as outer:
-        logger = MetricsLogger(tmp_path, config=Config())
+        logger = MetricsLogger(tmp_path, tracker=start_tracking(Config(), tmp_path))
         logger.log({"kind": "val", "epoch": 1, "iteration": 5, "segm_AP50": 0.5})
         logger.close()
         logger.finish()
@@ -116,7 +116,7 @@ def test_without_mlflow_installed(tmp_path, monkeypatch, caplog):
 
 
 def test_a_store_that_fails_mid_run_stops_tracking_not_training(tmp_path, store, monkeypatch, caplog):
-    logger = MetricsLogger(tmp_path, config=Config())
+    logger = MetricsLogger(tmp_path, tracker=start_tracking(Config(), tmp_path))
     calls = []
 
     def refuse(*args, **kwargs):
@@ -137,8 +137,8 @@ def test_when_rank_zero_cannot_track_every_rank_stops(tmp_path, monkeypatch):
     error instead of waiting at their first collective until train.dist_timeout_min. Two ranks, faked."""
     import types
 
-    import tinyseg.engine.tracking as tracking
-    from tinyseg.engine import distributed
+    import tinyseg.training.tracking as tracking
+    from tinyseg.runtime import distributed
 
     monkeypatch.setitem(sys.modules, "mlflow", types.ModuleType("mlflow"))  # importable; never reached here
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

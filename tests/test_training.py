@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from tinyseg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinyseg.engine.trainer import NonFiniteLossError, train
-from tinyseg.engine.logger import read_metrics
+from tinyseg.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyseg.training.trainer import NonFiniteLossError, train
+from tinyseg.runtime.metrics_log import read_metrics
 
 from conftest import ROOT, TINY, tiny_config
 
@@ -164,7 +164,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(shapes, tmp_path):
 def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_path, monkeypatch):
     import types
 
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
 
     # The trainer's clock advances one second each time it is read, so the run is the same on an idle
     # machine and on a loaded one: 0.2 min = 12 clock reads, far fewer than 100 epochs' 400 iterations.

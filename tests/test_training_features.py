@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tinyseg.engine.checkpoint import load_checkpoint
-from tinyseg.engine.trainer import Trainer, sync_batchnorm, train
+from tinyseg.runtime.checkpoint import load_checkpoint
+from tinyseg.training.trainer import Trainer, sync_batchnorm, train
 
 from conftest import tiny_config
 
@@ -52,7 +52,7 @@ def _ema_run(shapes, tmp_path, *extra):
 
 
 def test_ema_weights_are_the_ones_evaluated_and_saved_beside_the_raw(shapes, tmp_path, monkeypatch):
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
 
     seen = {}
     real = trainer_module.evaluate_model
@@ -74,7 +74,7 @@ def test_ema_weights_are_the_ones_evaluated_and_saved_beside_the_raw(shapes, tmp
 
 
 def test_ctrl_c_during_ema_evaluation_saves_the_raw_weights(shapes, tmp_path, monkeypatch):
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -97,7 +97,7 @@ class _OnAnotherDevice(torch.Tensor):
 
 
 def test_resumed_ema_is_moved_to_the_model_device(shapes, tmp_path, monkeypatch):
-    import tinyseg.engine.trainer as trainer_module
+    import tinyseg.training.trainer as trainer_module
 
     train(_ema_run(shapes, tmp_path, "train.eval_every=0", "solver.max_iters=2"))
     real = trainer_module.load_checkpoint
@@ -175,7 +175,7 @@ def test_copy_paste_in_the_trainer_adds_instances(shapes, tmp_path, monkeypatch)
 
 
 def test_train_negatives_keeps_images_without_instances(shapes, tmp_path):
-    from tinyseg.data.build import build_training_data
+    from tinyseg.data.training_data import build_training_data
 
     data = json.loads(shapes["train"].read_text())
     empty = data["images"][0]["id"]

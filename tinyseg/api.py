@@ -103,7 +103,7 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
     Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}; with
     data.folds > 0 it cross-validates as `tinyseg train --folds K` does and returns `cross_validate`'s summary.
     """
-    from .engine.trainer import train as run_training
+    from .training.trainer import train as run_training
 
     if not isinstance(config, Config):
         config = load_config(config, overrides)
@@ -120,7 +120,7 @@ def cross_validate(config: Config | str | None = None, overrides: list[str] | No
     run directory), "mean", "std" (sample, K - 1), "min", "max" per metric, and "folds" (K). Under torchrun,
     ranks other than 0 get None.
     """
-    from .engine.cv import cross_validate as run_cv
+    from .training.cross_validation import cross_validate as run_cv
 
     if not isinstance(config, Config):
         config = load_config(config, list(overrides or []) + ([f"data.folds={folds}"] if folds is not None else []))
@@ -148,7 +148,7 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
     """
     import tempfile
 
-    from .inference.run import PredictJob, run_evaluate, run_predict
+    from .inference.jobs import PredictJob, run_evaluate, run_predict
 
     if (detections is None) == (checkpoint is None):
         raise ValueError("give either detections or checkpoint (with image_dir)")

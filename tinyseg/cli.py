@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
 
-log = logging.getLogger("tinyseg")
 
 
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
@@ -183,25 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tinyseg {args.verb}: interrupted", file=sys.stderr)
         return 130
-
-
-def launch_torchrun(argv: list[str], devices: int) -> int:
-    """`tinyseg train --devices N ...` is `torchrun --nproc_per_node=N -m tinyseg train ...`."""
-    rest, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item == "--devices":
-            skip = True
-            continue
-        if item.startswith("--devices="):
-            continue
-        rest.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "tinyseg", *rest]
-    log.info("launching: %s", " ".join(command))
-    return subprocess.call(command, env=os.environ.copy())
 
 
 if __name__ == "__main__":

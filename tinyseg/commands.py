@@ -16,8 +16,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: printed as one clear message, never as a traceback."""
     from .config import ConfigError
     from .data.coco import DatasetError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteLossError
+    from .runtime.checkpoint import CheckpointError
+    from .training.trainer import NonFiniteLossError
     from .model.weights import BackboneWeightsError
 
     return (ConfigError, DatasetError, CheckpointError, BackboneWeightsError, NonFiniteLossError,
@@ -36,7 +36,7 @@ class UsageError(ValueError):
 
 
 def run_verb(args: argparse.Namespace) -> int:
-    from .engine import distributed as dist
+    from .runtime import distributed as dist
 
     verb = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "validate-submission": cmd_validate, "visualize": cmd_visualize, "check-data": cmd_check_data,
@@ -62,15 +62,14 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cli import launch_torchrun
-    from .engine.distributed import launched_by_torchrun
-    from .engine.trainer import train
+    from .runtime.distributed import launch_torchrun, launched_by_torchrun
+    from .training.trainer import train
 
     if args.devices > 1 and not launched_by_torchrun():
         return launch_torchrun(sys.argv[1:], args.devices)
     config = train_config(args)
     if config.data.folds:
-        from .engine.cv import cross_validate
+        from .training.cross_validation import cross_validate
 
         cross_validate(config, resume=args.resume)
         return 0
@@ -93,7 +92,7 @@ def _predict_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference.run import PredictJob, run_predict, run_predict_onnx
+    from .inference.jobs import PredictJob, run_predict, run_predict_onnx
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise UsageError("give --checkpoint CKPT or --onnx MODEL.onnx")
@@ -104,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
                          _predict_overrides(args), args.workers, amp=args.amp)
         found = run_predict(job)
-    from .engine import distributed as dist
+    from .runtime import distributed as dist
 
     if not dist.is_main():
         return 0
@@ -119,8 +118,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.coco_eval import format_report
-    from .inference.run import PredictJob, run_evaluate, run_predict
-    from .inference.submission import write_json
+    from .inference.jobs import PredictJob, run_evaluate, run_predict
+    from .runtime.files import write_json
 
     iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
     if bool(args.detections) == bool(args.checkpoint):
@@ -129,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     detections, gt = args.detections, args.gt
     fmt = args.format or "auto"
     if args.checkpoint:
-        from .inference.run import load_ground_truth
+        from .inference.jobs import load_ground_truth
 
         gt = load_ground_truth(args.gt, fmt)  # converted once: its images, the ids to predict, the scoring
         image_dir = args.image_dir or gt.image_dir
@@ -140,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          args.device, _predict_overrides(args), args.workers, amp=args.amp, images_format=fmt,
                          images_data=gt)
         detections = run_predict(job).results
-        from .engine import distributed as dist
+        from .runtime import distributed as dist
 
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
@@ -159,7 +158,7 @@ def _ci_options(args: argparse.Namespace) -> dict:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluation.compare import compare_files, format_comparison
-    from .inference.submission import write_json
+    from .runtime.files import write_json
 
     if args.resamples < 1 or not 0 < args.ci_level < 1:
         raise UsageError(f"--resamples must be >= 1 and --ci-level in (0, 1), got {args.resamples}, {args.ci_level}")
@@ -187,7 +186,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     from .data.coco import load_coco, read_json
-    from .visualize import write_overlays
+    from .inference.overlays import write_overlays
 
     if args.detections:
         source = args.images_json or args.gt
@@ -209,7 +208,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .data.report import check_dataset
+    from .data.check import check_dataset
 
     report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels, args.format or "auto")
     print(report)
@@ -233,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .training.report import write_report
 
     print(f"wrote {write_report(Path(args.run_dir))}")
     return 0

@@ -128,7 +128,7 @@ class TrainConfig:
     dist_timeout_min: float = 10.0  # a collective that waits longer (a dead peer) ends the job
     report: bool = True  # report.html and its plots at the end of the run (`tinyseg report RUN` writes it later)
     # MLflow tracking (pip install "tinyseg[mlflow]"): also on whenever MLFLOW_TRACKING_URI is set, which
-    # names the store; else ./mlruns, a local file store (tinyseg/engine/tracking.py)
+    # names the store; else ./mlruns, a local file store (tinyseg/training/tracking.py)
     mlflow: bool = False
     mlflow_experiment: str = "tinyseg"
 

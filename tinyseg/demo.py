@@ -13,11 +13,12 @@ from pathlib import Path
 
 from .config import load_config
 from .data.synthetic import make_shapes_dataset
-from .engine.trainer import train
+from .training.trainer import train
 from .evaluation.coco_eval import format_report
-from .inference.run import PredictJob, run_evaluate, run_predict
-from .inference.submission import validate_submission, write_json
-from .visualize import write_overlays
+from .inference.jobs import PredictJob, run_evaluate, run_predict
+from .inference.submission import validate_submission
+from .runtime.files import write_json
+from .inference.overlays import write_overlays
 
 log = logging.getLogger("tinyseg")
 

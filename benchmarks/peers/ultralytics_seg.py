@@ -111,7 +111,7 @@ def split_train_val(train_json: str, val_json: str, image_dir: str, out: Path, v
         return train_json, val_json
     from tinyseg.data.formats import load_dataset
     from tinyseg.data.split import split_records
-    from tinyseg.inference.submission import write_json
+    from tinyseg.runtime.files import write_json
 
     data = load_dataset(train_json, fmt="coco")
     train, val = split_records(image_dir, data.images, val_fraction, seed)
@@ -125,7 +125,7 @@ def prepare_dataset(train_json: str, val_json: str, image_dir: str, out: Path) -
     """Convert both splits with tinyseg's COCO -> YOLO converter; one data.yaml naming both. Returns its path
     and the COCO category id of each class index."""
     from tinyseg.data.formats.yolo_export import coco_to_yolo
-    from tinyseg.engine.checkpoint import atomic_write_text
+    from tinyseg.runtime.files import atomic_write_text
 
     described = {}
     for split, src in (("train", train_json), ("val", val_json)):
@@ -300,7 +300,7 @@ def main() -> int:
     imgsz = int(train_args.get("imgsz", DEFAULT_CFG.imgsz))  # predict at the training size
     results, predict_s, rle_s, count = predict(trained["weights"], val_json, args.image_dir, category_ids, imgsz,
                                               args.device)
-    from tinyseg.inference.submission import write_json
+    from tinyseg.runtime.files import write_json
 
     write_json(str(run_dir / "results.json"), results)
     metrics = evaluate(val_json, run_dir / "results.json", run_dir / "metrics.json")

@@ -71,6 +71,16 @@ class CategoryMap:
     def to_coco(self) -> list[dict]:
         return [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.names)]
 
+    def check_same(self, other: "CategoryMap", path: str | Path, data_name: str) -> None:
+        """A checkpoint (self, read from path) used with data of another class set is refused."""
+        from ..runtime.checkpoint import CheckpointError
+
+        if self.category_ids != other.category_ids or self.names != other.names:
+            raise CheckpointError(
+                f"{path} was trained on a different class set than {data_name}:\n"
+                f"  checkpoint: {list(zip(self.category_ids, self.names))}\n"
+                f"  data:       {list(zip(other.category_ids, other.names))}")
+
 
 @dataclass
 class ImageRecord:

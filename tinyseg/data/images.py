@@ -16,7 +16,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 # path -> ((mtime_ns, size), signature): check_image fills it while it has the image open, so the
-# duplicate checks of the split (data/split.py, data/build.py) need not decode every image again.
+# duplicate checks of the split (data/split.py, data/training_data.py) need not decode every image again.
 _SIGNATURES: dict[str, tuple[tuple[int, int], np.ndarray]] = {}
 
 

@@ -21,7 +21,7 @@ def train_transforms(cfg: InputConfig) -> v2.Compose:
             v2.RandomCrop((size, size), pad_if_needed=True, fill=0),
         ]
     else:
-        # The model's own resize is switched off in training (see model/build.py), so the sizes
+        # The model's own resize is switched off in training (see model/detector.py), so the sizes
         # chosen here are the sizes the network sees: multi-scale when min_size lists several.
         ops.append(v2.RandomShortestSize(min_size=list(cfg.min_size), max_size=cfg.max_size, antialias=True))
     if cfg.hflip_prob > 0:

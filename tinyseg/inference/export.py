@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..data.coco import CategoryMap
-from ..engine.checkpoint import CheckpointError, atomic_write
+from ..runtime.checkpoint import CheckpointError
+from ..runtime.files import atomic_write
 from .predictor import load_model, to_coco_results
 
 log = logging.getLogger("tinyseg")

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from ..config import Config, PredictConfig, config_from_dict
 from ..data.coco import CategoryMap
 from ..data.dataset import ImageListDataset, collate
-from ..engine.checkpoint import checkpoint_categories, load_checkpoint
-from ..engine.precision import resolve_amp, resolve_device
-from ..model import build_model, prepare_for_inference, set_inference_options
+from ..runtime.checkpoint import load_checkpoint
+from ..runtime.precision import resolve_amp, resolve_device
+from ..model import build_model, prepare_for_inference
 from .masks import encode_masks, paste_masks_binary
 from .tta import tta_forward
 
@@ -39,18 +39,16 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
     for name, value in (predict_overrides or {}).items():
         if value is not None:
             setattr(config.predict, name, value)
-    categories = checkpoint_categories(state)
+    categories = CategoryMap.from_dict(state["categories"])
     # The checkpoint holds every weight: the run's architecture (model.init decides its norm and layout),
     # built without downloading or reading any pretrained weights.
-    model = build_model(config.model, categories.num_classes, load_weights=False)
+    model = build_model(config.model, categories.num_classes, load_weights=False, test=config.input,
+                        predict=config.predict)
     model.load_state_dict(state.get("ema") or state["model"])
     target = resolve_device(device)
     model.to(target).eval()
-    p = config.predict
-    set_inference_options(model, config.input.test_min_size, config.input.test_max_size,
-                          p.score_thresh, p.max_detections, p.nms_thresh)
     # channels_last: with frozen BN folded, R50-FPN inference at 512 px on 2 CPU cores ran at 0.87-1.02
-    # images/s with it and 0.63-0.65 without; GroupNorm models skip it on CPU (model/inference.py).
+    # images/s with it and 0.63-0.65 without; GroupNorm models skip it on CPU (model/for_inference.py).
     prepare_for_inference(model, resolve_amp(amp or config.train.amp, target), config.train.channels_last)
     return LoadedModel(model, categories, config, target)
 

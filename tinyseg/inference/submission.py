@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json  # noqa: F401  (re-exported: it moved to tinyseg/io.py)
+from ..runtime.files import write_json
 
 SUBMISSION_KEYS = ("image_id", "score", "category_id", "segmentation")
 

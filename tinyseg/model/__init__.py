@@ -1,5 +1,6 @@
-from .build import BACKBONES, build_model, set_inference_options, set_precision
-from .inference import prepare_for_inference
+from .detector import BACKBONES, apply_inference_settings, build_model, set_precision
+from .for_inference import prepare_for_inference
 from .weights import BackboneWeightsError
 
-__all__ = ["BACKBONES", "build_model", "set_inference_options", "set_precision", "prepare_for_inference", "BackboneWeightsError"]
+__all__ = ["BACKBONES", "apply_inference_settings", "build_model", "set_precision", "prepare_for_inference",
+           "BackboneWeightsError"]

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..engine.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from ..runtime.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 log = logging.getLogger("tinyseg")
 

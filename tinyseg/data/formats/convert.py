@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...io import write_json
+from ...runtime.files import write_json
 from .embedded import is_cached, mirror
 
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ...io import atomic_write
+from ...runtime.files import atomic_write
 from .common import link_or_copy
 
 CACHE_ENV = "XDG_CACHE_HOME"

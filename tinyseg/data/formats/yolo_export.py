@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ...io import atomic_write, atomic_write_text
+from ...runtime.files import atomic_write, atomic_write_text
 from ..coco import DatasetError
 from .common import link_or_copy
 from .embedded import is_cached

@@ -25,7 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, InputConfig, ModelConfig, PredictConfig
 from .roi_pool import ParallelMultiScaleRoIAlign
 from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, frozen_bn_eps, load_detector_weights,
                       load_trunk_weights, read_init_weights)
@@ -96,7 +96,7 @@ def norm_factory(norm: str, frozen_eps: float = 1e-5):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d if frozen_eps == 1e-5 else functools.partial(FrozenBatchNorm2d, eps=frozen_eps)
     if norm in ("bn", "syncbn"):
-        return nn.BatchNorm2d  # syncbn: converted once the process group exists (engine/distributed.py)
+        return nn.BatchNorm2d  # syncbn: converted once the process group exists (runtime/distributed.py)
     if norm == "gn":
         return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
     raise ValueError(f"unknown norm '{norm}'")
@@ -257,14 +257,14 @@ class DropoutMLPHead(InferenceAmp, nn.Module):
         return self.dropout(torch.relu(self.fc7(x)))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, test_max_size: int = 1333,
-                score_thresh: float = 0.05, max_detections: int = 100, nms_thresh: float = 0.5,
-                load_weights: bool = True) -> MaskRCNN:
+def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True, test: InputConfig | None = None,
+                predict: PredictConfig | None = None) -> MaskRCNN:
     """A Mask R-CNN whose class count (background included) comes from the data.
 
     load_weights=False builds the same model without reading model.init's weights (a checkpoint fills
     it). model.arch "auto" is replaced by the layout built, so that a run's saved config rebuilds it
-    when model.init's file is no longer there.
+    when model.init's file is no longer there. test, predict: the inference settings
+    (apply_inference_settings); None = the config's defaults.
     """
     weights = None
     if load_weights:
@@ -322,25 +322,27 @@ def build_model(cfg: ModelConfig, num_classes: int, test_min_size: int = 800, te
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_score_thresh=score_thresh,
-        box_nms_thresh=nms_thresh,
-        box_detections_per_img=max_detections,
     )
-    model.transform = DetectionTransform(test_min_size, test_max_size, model.transform.image_mean,
-                                         model.transform.image_std)
+    model.transform = DetectionTransform(model.transform.min_size, model.transform.max_size,
+                                         model.transform.image_mean, model.transform.image_std)
+    apply_inference_settings(model, test or InputConfig(), predict or PredictConfig())
     if whole:
         log.info("model.init=%s: %s", cfg.init, load_detector_weights(model, weights, arch, num_classes))
     cfg.arch = arch
     return model
 
 
-def set_inference_options(model: MaskRCNN, min_size: int, max_size: int, score_thresh: float,
-                          max_detections: int, nms_thresh: float) -> None:
-    model.transform.min_size = (min_size,)
-    model.transform.max_size = max_size
-    model.roi_heads.score_thresh = score_thresh
-    model.roi_heads.detections_per_img = max_detections
-    model.roi_heads.nms_thresh = nms_thresh
+def apply_inference_settings(model: MaskRCNN, test: InputConfig, predict: PredictConfig) -> MaskRCNN:
+    """The one place where the config's inference settings reach a model: test size, thresholds, count.
+
+    TTA's settings stay in `predict` and are read by inference/tta.py, which restores the model it changes.
+    """
+    model.transform.min_size = (test.test_min_size,)
+    model.transform.max_size = test.test_max_size
+    model.roi_heads.score_thresh = predict.score_thresh
+    model.roi_heads.detections_per_img = predict.max_detections
+    model.roi_heads.nms_thresh = predict.nms_thresh
+    return model
 
 
 def set_precision(model: MaskRCNN, amp_dtype: torch.dtype | None, channels_last: bool) -> None:

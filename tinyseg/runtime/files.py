@@ -1,5 +1,5 @@
-"""Atomic file writes, below every other tinyseg module (it imports none of them): data/, engine/ and
-inference/ all write through it, so a crash leaves the old file or the new one, never half of one."""
+"""Atomic file writes, at the bottom of the package (it imports no tinyseg module): everything that
+writes a file goes through it, so a crash leaves the old file or the new one, never half of one."""
 
 from __future__ import annotations
 

@@ -17,15 +17,14 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from ..config import Config, ConfigError
-from . import distributed as dist
-from .checkpoint import atomic_write_text
+from ..runtime import distributed as dist
+from ..runtime.files import atomic_write_text
 
 log = logging.getLogger("tinyseg")
 
@@ -185,14 +184,6 @@ class Tracker:
             self.broken = True
             log.warning("MLflow logging failed, tracking stops here (the training goes on; the run directory "
                         "has everything): %s", str(error).split("\n")[0])
-
-
-def end_status() -> str:
-    """The MLflow status of a run whose logger closes now: inside an exception on its way out, the run failed."""
-    kind = sys.exc_info()[0]
-    if kind is None:
-        return ""
-    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.coco import CategoryMap
-from ..io import atomic_write, atomic_write_text  # noqa: F401  (re-exported: the writers moved to tinyseg/io.py)
+from .files import atomic_write
 
 FORMAT = "tinyseg-checkpoint"
 
@@ -41,15 +40,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tinyseg checkpoint (no '{FORMAT}' marker)")
     return state
-
-
-def checkpoint_categories(state: dict[str, Any]) -> CategoryMap:
-    return CategoryMap.from_dict(state["categories"])
-
-
-def check_same_categories(saved: CategoryMap, categories: CategoryMap, path: str | Path, data_name: str) -> None:
-    if saved.category_ids != categories.category_ids or saved.names != categories.names:
-        raise CheckpointError(
-            f"{path} was trained on a different class set than {data_name}:\n"
-            f"  checkpoint: {list(zip(saved.category_ids, saved.names))}\n"
-            f"  data:       {list(zip(categories.category_ids, categories.names))}")

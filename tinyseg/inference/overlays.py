@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data.coco import segmentation_to_rle
-from .data.images import image_path, load_rgb
-from .engine.checkpoint import atomic_write
+from ..data.coco import segmentation_to_rle
+from ..data.images import image_path, load_rgb
+from ..runtime.files import atomic_write
 
 
 def _colour(index: int) -> tuple[int, int, int]:

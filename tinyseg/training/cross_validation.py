@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
-from ..data.build import load_checked
+from ..data.training_data import load_checked
 from ..data.coco import DatasetError, read_json
 from ..data.split import fold_assignments
-from ..inference.submission import write_json
-from . import distributed as dist
-from .precision import resolve_device
+from ..runtime.files import write_json
+from ..runtime import distributed as dist
+from ..runtime.precision import resolve_device
 
 log = logging.getLogger("tinyseg")
 

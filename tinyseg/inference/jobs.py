@@ -9,11 +9,11 @@ from pathlib import Path
 from ..data.coco import CategoryMap, CocoData, DatasetError
 from ..data.formats import load_dataset, resolve_format, val_split
 from ..data.dataset import ImageListDataset
-from ..engine import distributed as dist
-from ..engine.checkpoint import check_same_categories
+from ..runtime import distributed as dist
 from ..evaluation.coco_eval import evaluate_detections
 from .predictor import Predictions, load_model, predict_images
-from .submission import write_json, write_submission
+from ..runtime.files import write_json
+from .submission import write_submission
 
 log = logging.getLogger("tinyseg")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -47,7 +47,7 @@ def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
     if images_json or data is not None:
         data = data or load_ground_truth(images_json, fmt, require_annotations=False)
         if data.categories.category_ids:
-            check_same_categories(categories, data.categories, "checkpoint", images_json)
+            categories.check_same(data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
     files = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -57,7 +57,7 @@ def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
 
 def run_predict(job: PredictJob) -> Predictions:
     """Predict every image and write the submission atomically; unreadable images are listed in .errors."""
-    from ..engine.precision import resolve_device
+    from ..runtime.precision import resolve_device
 
     device = dist.init(resolve_device(job.device))
     loaded = load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)

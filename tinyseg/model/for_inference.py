@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .build import AmpBackboneWithFPN, InferenceAmp, set_precision
+from .detector import AmpBackboneWithFPN, InferenceAmp, set_precision
 
 
 def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool) -> nn.Module:

@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
-from .engine.logger import read_metrics  # noqa: E402
-from .evaluation.coco_eval import image_f1  # noqa: E402
-from .evaluation.confusion import confusion_matrix  # noqa: E402
+from ..runtime.files import atomic_write, atomic_write_text  # noqa: E402
+from ..runtime.metrics_log import read_metrics  # noqa: E402
+from ..evaluation.coco_eval import image_f1  # noqa: E402
+from ..evaluation.confusion import confusion_matrix  # noqa: E402
 
 LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 # The detections a reader would keep: drawn in the worst-images gallery and counted in the confusion
@@ -172,8 +172,8 @@ def plot_pr(results: dict, path: Path) -> Path | None:
 
 def worst_images_gallery(gt: dict, detections: list[dict], image_dir: str, out_dir: Path, count: int = 6) -> list[tuple[Path, float]]:
     """Side-by-side ground truth | prediction for the val images with the lowest per-image F1."""
-    from .visualize import draw_instances, save_png
-    from .data.images import image_path, load_rgb
+    from ..inference.overlays import draw_instances, save_png
+    from ..data.images import image_path, load_rgb
 
     f1 = image_f1(gt, detections, score_thresh=SCORE_THRESH)
     names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}

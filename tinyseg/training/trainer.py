@@ -14,22 +14,22 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.build import TrainingData, build_training_data
-from ..data.coco import DatasetError
+from ..data.training_data import TrainingData, build_training_data
+from ..data.coco import CategoryMap, DatasetError
 from ..data.copy_paste import copy_paste
 from ..data.dataset import ImageListDataset, InstanceDataset, collate
 from ..data.presets import train_transforms
 from ..data.samplers import TrainBatchSampler, repeat_factors
 from ..evaluation.coco_eval import evaluate_detections
 from ..inference.predictor import predict_images
-from ..inference.submission import write_json
-from ..model import build_model, set_inference_options, set_precision
-from . import distributed as dist
-from .checkpoint import (atomic_write_text, check_same_categories, checkpoint_categories, load_checkpoint,
-                         save_checkpoint)
-from .logger import SHORT_NAMES, MetricsLogger, memory_mb
+from ..model import apply_inference_settings, build_model, set_precision
+from ..runtime import distributed as dist
+from ..runtime.checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.files import atomic_write_text, write_json
+from ..runtime.metrics_log import SHORT_NAMES, MetricsLogger, memory_mb
+from ..runtime.precision import resolve_amp, resolve_device
 from .optim import ModelEma, build_optimizer, build_scheduler
-from .precision import resolve_amp, resolve_device
+from .tracking import start_tracking
 
 log = logging.getLogger("tinyseg")
 
@@ -60,14 +60,12 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             if self.data.val_gt is not None:  # what the run is scored on, for the report and for audits
                 write_json(self.run_dir / "val_gt.json", self.data.val_gt)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.main, config=cfg, resume=resume)
+        self.logger = MetricsLogger(self.run_dir, self.main, start_tracking(cfg, self.run_dir, resume, main=self.main))
 
     # -- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> None:
         c = self.cfg
-        self.model = build_model(c.model, self.data.categories.num_classes, c.input.test_min_size,
-                                 c.input.test_max_size, c.predict.score_thresh, c.predict.max_detections,
-                                 c.predict.nms_thresh)
+        self.model = build_model(c.model, self.data.categories.num_classes, test=c.input, predict=c.predict)
         self.model = sync_batchnorm(self.model, c.model.norm, dist.world_size())
         self.model.to(self.device)
         self.amp_dtype = resolve_amp(c.train.amp, self.device)
@@ -134,7 +132,7 @@ class Trainer:
     def _resume(self) -> None:
         path = self.run_dir / "last.pt"
         state = load_checkpoint(path)
-        check_same_categories(checkpoint_categories(state), self.data.categories, path, self.cfg.data.train_json)
+        CategoryMap.from_dict(state["categories"]).check_same(self.data.categories, path, self.cfg.data.train_json)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -181,7 +179,7 @@ class Trainer:
                 "run_dir": str(self.run_dir), "seconds": time.time() - self.started}
 
     def _write_report(self) -> None:
-        from ..report import write_report
+        from .report import write_report
 
         try:
             write_report(self.run_dir)
@@ -331,8 +329,7 @@ def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, devi
                    run_dir: Path | None = None) -> dict | None:
     """COCO AP on the val records; each rank predicts its shard, rank 0 scores the gathered results."""
     p = cfg.predict
-    set_inference_options(model, cfg.input.test_min_size, cfg.input.test_max_size, p.score_thresh,
-                          p.max_detections, p.nms_thresh)
+    apply_inference_settings(model, cfg.input, p)
     dataset = ImageListDataset([(r.image_id, r.file_name) for r in data.val_records], data.val_image_dir,
                                cfg.data.max_image_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))

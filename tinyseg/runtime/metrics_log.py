@@ -1,4 +1,5 @@
-"""Metrics to metrics.jsonl (and TensorBoard when installed, MLflow when asked), and the progress bar's numbers."""
+"""Metrics to metrics.jsonl (and TensorBoard when installed, an experiment tracker when given), and the
+progress bar's numbers."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from typing import Any
 
 import torch
 
-from ..config import Config
-from .tracking import end_status, start_tracking
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, config: Config | None = None, resume: bool = False):
-        """enabled: this process writes (rank 0). config: the resolved config, for MLflow (engine/tracking.py)."""
+    def __init__(self, run_dir: Path, enabled: bool = True, tracker=None):
+        """enabled: this process writes (rank 0). tracker: also gets every record, and the run's end (its
+        log, end(status) and finish(run_dir); training/tracking.py's MLflow Tracker)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
-        self.tracker = start_tracking(config, run_dir, resume, main=enabled) if config is not None else None
+        self.tracker = tracker
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -55,6 +55,14 @@ class MetricsLogger:
         """After the report: the run's files go to MLflow as artifacts and the MLflow run ends."""
         if self.tracker is not None:
             self.tracker.finish(self.run_dir)
+
+
+def end_status() -> str:
+    """The status of a run whose logger closes now: inside an exception on its way out, the run failed."""
+    kind = sys.exc_info()[0]
+    if kind is None:
+        return ""
+    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
