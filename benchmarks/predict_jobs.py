@@ -96,7 +96,7 @@ def tinyseg_model(job: PredictJob):
 
 
 def run_tinyseg(model, categories, predict, job: PredictJob, scratch: str, entries=None) -> int:
-    """What `tinyseg predict` does (inference/jobs.py::run_predict), per image folder; detections written.
+    """What `tinyseg predict` does (inference/jobs.py::predict_checkpoint), per image folder; detections written.
 
     On a CPU one image at a time with no loader workers, as `tinyseg predict` does there, so both sides
     count their own process only (on CUDA the loader workers' memory is not counted)."""

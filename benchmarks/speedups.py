@@ -62,12 +62,12 @@ def plain_model() -> torch.nn.Module:
 def training_loader(workers: int, no_mask_cache: bool, input_cfg: InputConfig | None = None):
     from tinyseg.data.coco import load_coco
     from tinyseg.data.dataset import InstanceDataset, collate
-    from tinyseg.data.presets import train_transforms
+    from tinyseg.data.augment import build
     from tinyseg.data.samplers import TrainBatchSampler
 
     data = load_coco(VOC / "pascal_train_sample.json")
     dataset = InstanceDataset(data.images, VOC / "train_sample", data.categories,
-                              train_transforms(input_cfg or InputConfig(min_size=[SIZE], max_size=1333)))
+                              build(input_cfg or InputConfig(min_size=[SIZE], max_size=1333)).sample)
     if no_mask_cache:
         dataset._rle_cache = _NoCache()
     else:

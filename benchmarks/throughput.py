@@ -128,12 +128,12 @@ def reference_train(backbone: str, size: int, steps: int) -> float:
 def tinyseg_loader(size: int, workers: int = 2):
     from tinyseg.data.coco import load_coco
     from tinyseg.data.dataset import InstanceDataset, collate
-    from tinyseg.data.presets import train_transforms
+    from tinyseg.data.augment import build
     from tinyseg.data.samplers import TrainBatchSampler
 
     data = load_coco(DATA.train_json)
     dataset = InstanceDataset(data.images, DATA.train_images, data.categories,
-                              train_transforms(InputConfig(min_size=[size], max_size=1333)))
+                              build(InputConfig(min_size=[size], max_size=1333)).sample)
     sampler = TrainBatchSampler(dataset.aspect_ratios(), 2, seed=0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                                        persistent_workers=workers > 0, pin_memory=DEVICE.startswith("cuda"))

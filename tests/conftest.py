@@ -62,14 +62,59 @@ def trained_run(shapes, tmp_path_factory):
     return {"run_dir": run_dir, "summary": summary, "shapes": shapes}
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600):
+def run_cli(*args: str, check: bool = True, timeout: float = 600, process: bool = False):
+    """`tinyseg ARGS`: in this process by default (each new process imports torch again, seconds apiece),
+    with stdout, stderr and tinyseg's log captured as a subprocess's would be; process=True runs
+    `python -m tinyseg` for real (the entry point itself, signals, torchrun)."""
+    import contextlib
+    import io
+    import logging
     import subprocess
 
-    result = subprocess.run([sys.executable, "-m", "tinyseg", *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    if process:
+        result = subprocess.run([sys.executable, "-m", "tinyseg", *args], capture_output=True, text=True,
+                                timeout=timeout, cwd=ROOT)
+    else:
+        from tinyseg.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        logger = logging.getLogger("tinyseg")
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        saved = (logger.level, logger.propagate, os.getcwd())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # pytest's own handlers would print it a second time
+        try:
+            os.chdir(ROOT)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(list(args))
+                except SystemExit as error:  # argparse: usage errors and --help
+                    code = error.code if isinstance(error.code, int) else 1
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
+            os.chdir(saved[2])
+        result = subprocess.CompletedProcess(["tinyseg", *args], code, out.getvalue(), err.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"tinyseg {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def perturb(module):
+    """Every tensor of module off its initial value, so that a loading test cannot pass by chance (BatchNorm's
+    running_var of ones, biases of zeros); returns the module."""
+    import torch
+
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            if key.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point():
+                tensor.add_(torch.rand_like(tensor) * 0.02 - 0.01)
+    return module
 
 
 def with_duplicates(shapes, folder: Path):

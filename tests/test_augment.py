@@ -1,9 +1,18 @@
-"""Copy-paste and test-time augmentation on hand-made tensors: exact, checkable behaviour."""
+"""Train-time augmentation (copy-paste, flipped copies) and test-time augmentation: exact, checkable behaviour."""
 
+import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
-from tinyseg.data.copy_paste import copy_paste
+from tinyseg.config import InputConfig
+from tinyseg.data.augment import BatchTransform, CopyPaste, build
+from tinyseg.data.coco import load_coco
+from tinyseg.data.dataset import InstanceDataset
 from tinyseg.inference.tta import _unflip, merge_views
+from tinyseg.runtime.checkpoint import load_checkpoint
+from tinyseg.training.trainer import Trainer
+
+from conftest import tiny_config
 
 
 def _target(boxes_masks, label):
@@ -14,12 +23,15 @@ def _target(boxes_masks, label):
             "boxes": torch.zeros(len(boxes_masks), 4)}
 
 
+def _copy_paste(images, targets, probability):
+    return CopyPaste(probability)(images, targets, torch.Generator().manual_seed(0))
+
+
 def test_copy_paste_occludes_and_recomputes_boxes():
-    torch.manual_seed(0)
     destination = _target([(0, 10, 0, 10), (12, 14, 12, 14)], label=1)
     source = _target([(5, 15, 5, 15)], label=2)
     images = [torch.zeros(3, 20, 20), torch.ones(3, 20, 20)]
-    out_images, out_targets = copy_paste(images, [destination, source], probability=1.0)
+    out_images, out_targets = _copy_paste(images, [destination, source], probability=1.0)
     pasted = out_targets[0]
     assert pasted["labels"].tolist() == [1, 2]  # the small square (12:14) was hidden entirely
     assert pasted["masks"][0, 5:10, 5:10].sum() == 0 and pasted["masks"][0].sum() == 100 - 25
@@ -31,9 +43,9 @@ def test_copy_paste_skips_other_sizes_and_probability_zero():
     a, b = _target([(0, 5, 0, 5)], 1), _target([(0, 5, 0, 5)], 2)
     images = [torch.zeros(3, 20, 20), torch.ones(3, 20, 24)]
     b["masks"] = torch.zeros(1, 20, 24, dtype=torch.uint8)
-    out_images, out_targets = copy_paste(images, [a, b], probability=1.0)
+    out_images, out_targets = _copy_paste(images, [a, b], probability=1.0)
     assert out_targets[0]["labels"].tolist() == [1] and torch.equal(out_images[0], images[0])
-    same = copy_paste([torch.zeros(3, 20, 20)] * 2, [a, a], probability=0.0)
+    same = _copy_paste([torch.zeros(3, 20, 20)] * 2, [a, a], probability=0.0)
     assert same[1][0] is a
 
 
@@ -55,3 +67,87 @@ def test_flip_is_undone_and_views_merge_with_mask_voting():
     assert torch.allclose(merged["scores"], torch.tensor([0.9, 0.8]))
     # Score-weighted mean of the two views' masks: (0.9 * 1 + 0.7 * 0.5) / 1.6
     assert torch.allclose(merged["masks"][0, 0, 0, 3], torch.tensor((0.9 + 0.35) / 1.6))
+
+
+def _batch_of_six():
+    """Six 20x20 images of four instances each, every instance a different size: a draw shows in the sums."""
+    images, targets = [], []
+    for k in range(6):
+        images.append(torch.full((3, 20, 20), float(k)))
+        targets.append(_target([(j, j + 3 + k, 4 * j, 4 * j + 2 + j) for j in range(4)], label=k + 1))
+    return images, targets
+
+
+def _fingerprint(batch):
+    images, targets = batch
+    return [(image.sum().item(), t["masks"].flatten(1).sum(1).tolist(), t["labels"].tolist())
+            for image, t in zip(images, targets)]
+
+
+def test_copy_paste_draws_per_batch_from_its_own_generator():
+    transform = build(InputConfig(copy_paste_prob=0.5), seed=3).batch
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = _fingerprint(transform(*_batch_of_six(), epoch=2, batch_index=5))
+    assert torch.equal(torch.get_rng_state(), state)  # the model's draws are left alone
+    torch.manual_seed(1)  # whatever the global RNG holds, the batch's draws are the same
+    assert _fingerprint(transform(*_batch_of_six(), epoch=2, batch_index=5)) == first
+    assert first != _fingerprint(_batch_of_six())  # it did paste
+    assert _fingerprint(transform(*_batch_of_six(), epoch=2, batch_index=6)) != first
+    assert _fingerprint(transform(*_batch_of_six(), epoch=3, batch_index=5)) != first
+    other_rank = build(InputConfig(copy_paste_prob=0.5), seed=3, rank=1).batch
+    assert _fingerprint(other_rank(*_batch_of_six(), epoch=2, batch_index=5)) != first
+
+
+def test_without_batch_ops_the_batch_passes_through():
+    images, targets = _batch_of_six()
+    state = torch.get_rng_state()
+    out_images, out_targets = BatchTransform([], seed=3)(images, targets, 0, 0)
+    assert all(a is b for a, b in zip(out_images + out_targets, images + targets))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_flipped_copies_mirror_the_plain_copies(shapes):
+    data = load_coco(shapes["train"])
+    n = len(data.images)
+    # No random flip, and the images' short side is already min_size: what is left is the copies' own flip.
+    sample = build(InputConfig(copies=3, flipped_copies=1, hflip_prob=0.0, min_size=[96], max_size=160)).sample
+    dataset = InstanceDataset(data.images, shapes["images"], data.categories, sample, copies=3)
+    assert len(dataset) == 3 * n
+    for index in (0, 1):
+        (flipped, flipped_target), (plain, plain_target), (again, _) = (dataset[(index + k * n, 0)] for k in range(3))
+        assert torch.equal(flipped, F.horizontal_flip(plain)) and not torch.equal(flipped, plain)
+        assert torch.equal(flipped_target["masks"], F.horizontal_flip(plain_target["masks"]))
+        width = plain.shape[-1]
+        x0, y0, x1, y1 = plain_target["boxes"].unbind(1)
+        mirrored = torch.stack([width - x1, y0, width - x0, y1], dim=1)
+        assert torch.equal(flipped_target["boxes"], mirrored)
+        assert torch.equal(again, plain)
+
+
+def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch):
+    # 8 images in batches of 2: 4 steps per epoch; the interruption falls after step 1 of 2.
+    settings = ("input.copy_paste_prob=1.0", "solver.max_iters=2", "solver.warmup_iters=1", "input.min_size=[64]",
+                "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false")
+    Trainer(tiny_config(shapes, tmp_path / "straight", *settings)).fit()
+
+    config = tiny_config(shapes, tmp_path / "resumed", *settings)
+    interrupted = Trainer(config)
+    log_step = interrupted._log_step
+
+    def stop_after_one(*args):
+        log_step(*args)
+        if interrupted.iteration == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted, "_log_step", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch_step"] == 1  # mid-epoch
+    Trainer(config, resume=True).fit()
+
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    reference = load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert resumed["iteration"] == reference["iteration"] == 2
+    for key, value in reference["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -15,7 +15,8 @@ def test_train_predict_validate_evaluate_visualize(shapes, tmp_path):
     submission = tmp_path / "submission.json"
     run_cli("predict", "--checkpoint", str(run / "best.pt"), "--image-dir", str(shapes["images"]),
             "--images-json", str(shapes["test"]), "--output", str(submission), "--workers", "0")
-    result = run_cli("validate-submission", str(submission), "--images-json", str(shapes["test"]))
+    # a real `python -m tinyseg` once: the entry point itself (the other calls run in this process)
+    result = run_cli("validate-submission", str(submission), "--images-json", str(shapes["test"]), process=True)
     assert "valid" in result.stdout
 
     metrics = tmp_path / "metrics.json"
@@ -86,7 +87,7 @@ def test_evaluate_checks_interval_options_before_predicting(shapes, tmp_path, mo
     def predict(*args, **kwargs):
         raise AssertionError("predicted before checking the command line")
 
-    monkeypatch.setattr(run, "run_predict", predict)
+    monkeypatch.setattr(run, "evaluate_checkpoint", predict)
     common = ["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--gt", str(shapes["test_gt"]),
               "--image-dir", str(shapes["images"])]
     for bad in (["--ci-level", "2"], ["--resamples", "-1"]):
@@ -101,12 +102,31 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch, capsys):
     from tinyseg.cli import build_parser
     from tinyseg.config import DataConfig, PredictConfig
 
+    from tinyseg.config import EvalConfig, TrainConfig
+
     monkeypatch.setattr(DataConfig, "max_image_pixels", 1234)
     monkeypatch.setattr(DataConfig, "num_workers", 5)
     monkeypatch.setattr(PredictConfig, "score_thresh", 0.125)
+    monkeypatch.setattr(PredictConfig, "max_detections", 77)
+    monkeypatch.setattr(PredictConfig, "mask_thresh", 0.375)
+    monkeypatch.setattr(PredictConfig, "overlay_score_thresh", 0.625)
+    monkeypatch.setattr(TrainConfig, "device", "cpu")
+    monkeypatch.setattr(EvalConfig, "ci_resamples", 321)
+    monkeypatch.setattr(EvalConfig, "ci_level", 0.875)
     parser = build_parser()
     assert parser.parse_args(["check-data", "x.json"]).max_image_pixels == 1234
-    assert parser.parse_args(["predict", "--image-dir", "d", "--output", "o"]).workers == 5
-    with pytest.raises(SystemExit):
-        parser.parse_args(["predict", "--help"])
-    assert "0.125" in capsys.readouterr().out
+    predict = parser.parse_args(["predict", "--image-dir", "d", "--output", "o"])
+    assert (predict.workers, predict.device) == (5, "cpu")
+    # None keeps the run's own setting; the help says which value that is unless the run set one
+    assert predict.score_thresh is None and predict.max_detections is None and predict.mask_thresh is None
+    visualize = parser.parse_args(["visualize", "--image-dir", "d", "--output-dir", "o"])
+    assert visualize.score_thresh == 0.625
+    evaluate = parser.parse_args(["evaluate", "--gt", "g"])
+    assert (evaluate.resamples, evaluate.ci_level) == (321, 0.875)
+    for verb, shown in (("predict", ("0.125", "77", "0.375", "cpu")), ("visualize", ("0.625",)),
+                        ("evaluate", ("321", "0.875", "0.125")), ("check-data", ("1234",))):
+        with pytest.raises(SystemExit):
+            parser.parse_args([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for value in shown:
+            assert value in text, f"{verb} --help does not show the config's {value}"

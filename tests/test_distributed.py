@@ -90,22 +90,27 @@ def initial_weights(run_dir):
 
 
 def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
+    from tinyseg.cli import main
+
     shapes = trained_run["shapes"]  # 5 test images: does not divide by 2
-    common = ["predict", "--checkpoint", str(trained_run["run_dir"] / "best.pt"), "--image-dir", str(shapes["images"]),
-              "--images-json", str(shapes["test"]), "--workers", "0", "--batch-size", "1"]
-    run(torchrun(2, *common, "--output", str(tmp_path / "two.json")))
-    # One process, with the same thread count as each rank: float sums then happen in the same order.
-    run(torchrun(1, *common, "--output", str(tmp_path / "one.json")))
+    checkpoint = str(trained_run["run_dir"] / "best.pt")
+    predict = ["predict", "--checkpoint", checkpoint, "--image-dir", str(shapes["images"]),
+               "--images-json", str(shapes["test"]), "--workers", "0", "--batch-size", "1"]
+    evaluate = ["evaluate", "--gt", str(shapes["test_gt"]), "--checkpoint", checkpoint, "--image-dir",
+                str(shapes["images"]), "--workers", "0", "--batch-size", "1"]
+    run(torchrun(2, *predict, "--output", str(tmp_path / "two.json")))
+    run(torchrun(2, *evaluate, "--output", str(tmp_path / "eval2.json")))
+    # One process, here, with the thread count of each rank: float sums then happen in the same order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*predict, "--output", str(tmp_path / "one.json")]) == 0
+        assert main([*evaluate, "--output", str(tmp_path / "eval1.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert one == two and len({e["image_id"] for e in one}) == 5
-
-    scores = []
-    for nproc in (1, 2):
-        out = tmp_path / f"eval{nproc}.json"
-        run(torchrun(nproc, "evaluate", "--gt", str(shapes["test_gt"]), "--checkpoint",
-                     str(trained_run["run_dir"] / "best.pt"), "--image-dir", str(shapes["images"]),
-                     "--workers", "0", "--batch-size", "1", "--output", str(out)))
-        scores.append(json.loads(out.read_text())["segm"]["stats"])
+    scores = [json.loads((tmp_path / f"eval{n}.json").read_text())["segm"]["stats"] for n in (1, 2)]
     assert scores[0] == scores[1]
 
 

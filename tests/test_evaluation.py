@@ -10,15 +10,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tinyseg.evaluation.coco_eval import STAT_NAMES, evaluate_detections
-from tinyseg.inference.jobs import PredictJob, run_predict
+from tinyseg.inference.jobs import PredictJob, predict_checkpoint
 
 
 @pytest.fixture(scope="module")
 def detections(trained_run, tmp_path_factory):
     shapes = trained_run["shapes"]
-    out = tmp_path_factory.mktemp("eval") / "detections.json"
-    found = run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(shapes["images"]), str(out),
-                                   str(shapes["test"]), num_workers=0, progress=False))
+    found, _ = predict_checkpoint(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(shapes["images"]),
+                                             str(shapes["test"]), num_workers=0, progress=False))
     assert found.results and not found.errors
     return found.results
 

@@ -13,7 +13,7 @@ from tinyseg.config import ConfigError, ModelConfig, load_config
 from tinyseg.model import BackboneWeightsError, build_model
 from tinyseg.model.weights import CLASS_SPECIFIC, detector_layout, read_init_weights
 
-from conftest import tiny_config
+from conftest import perturb, tiny_config
 
 BUILDERS = {"maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn, "maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2}
 COCO_V1_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"  # torchvision's name for MaskRCNN_ResNet50_FPN_Weights.COCO_V1
@@ -26,14 +26,7 @@ def torchvision_detector(arch: str) -> nn.Module:
     would still pass an equality check, so everything gets a random offset.
     """
     torch.manual_seed(0)
-    model = BUILDERS[arch](weights=None, weights_backbone=None, num_classes=91)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5)
-            elif tensor.is_floating_point():
-                tensor.add_(torch.rand_like(tensor) * 0.02 - 0.01)
-    return model
+    return perturb(BUILDERS[arch](weights=None, weights_backbone=None, num_classes=91))
 
 
 def old_key_names(state: dict) -> dict:

@@ -324,7 +324,7 @@ def test_train_takes_a_labelme_folder(tmp_path, capsys):
 
 def test_check_data_and_evaluate_read_a_labelme_folder(tmp_path):
     from tinyseg.data.check import check_dataset
-    from tinyseg.inference.jobs import run_evaluate
+    from tinyseg.inference.jobs import load_ground_truth, score
 
     synthetic_labelme_folder(tmp_path, count=2)
     report, usable = check_dataset(str(tmp_path), "", 10**8)
@@ -334,5 +334,5 @@ def test_check_data_and_evaluate_read_a_labelme_folder(tmp_path):
                    "segmentation": segmentation_to_rle(a["segmentation"], 96, 112)} for a in truth["annotations"]]
     for d in detections:
         d["segmentation"]["counts"] = d["segmentation"]["counts"].decode("ascii")
-    results = run_evaluate(str(tmp_path), detections, ("segm",))
+    results = score(load_ground_truth(str(tmp_path)), detections, ("segm",))
     assert results["segm"]["stats"]["AP50"] == pytest.approx(1.0)

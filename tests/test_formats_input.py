@@ -2,6 +2,7 @@
 reading leaves alone: the dataset's folder (labelme's embedded images) and repeated conversions."""
 
 import base64
+import json
 import io
 import re
 from pathlib import Path
@@ -191,21 +192,30 @@ def test_evaluate_with_a_checkpoint_converts_the_labels_once(tmp_path, monkeypat
     one conversion (the prediction itself is replaced: no model here)."""
     from tinyseg.cli import main
     from tinyseg.data.formats import labelme
-    from tinyseg.inference import run
-    from tinyseg.inference.predictor import Predictions
+    import torch
+
+    from tinyseg.config import Config
+    from tinyseg.data.coco import CategoryMap
+    from tinyseg.inference import jobs
+    from tinyseg.inference.predictor import LoadedModel, Predictions
 
     synthetic_labelme_folder(tmp_path / "gt", count=2)
     conversions, real = [], labelme.to_coco
     monkeypatch.setattr(labelme, "to_coco", lambda *args: conversions.append(args) or real(*args))
+    truth = load_dataset(tmp_path / "gt").to_coco_dict()
+    loaded = LoadedModel(None, CategoryMap.from_categories(truth["categories"]), Config(), torch.device("cpu"))
 
-    def predict(job):
-        entries = run.image_entries(job.image_dir, job.images_json, job.images_data.categories, job.images_format,
-                                    job.images_data)
-        truth = job.images_data.to_coco_dict()["annotations"]
-        assert job.image_dir == str(tmp_path / "gt") and len(entries) == 2
+    def predict(model, categories, device, predict, entries, image_dir, *args):
+        assert image_dir == str(tmp_path / "gt") and len(entries) == 2
+        rles = [segmentation_to_rle(a["segmentation"], 96, 112) for a in truth["annotations"]]
         return Predictions([{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9,
-                             "segmentation": segmentation_to_rle(a["segmentation"], 96, 112)} for a in truth])
+                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+                            for a, rle in zip(truth["annotations"], rles)])
 
-    monkeypatch.setattr(run, "run_predict", predict)
-    assert main(["evaluate", "--gt", str(tmp_path / "gt"), "--checkpoint", "unused.pt", "--iou-type", "segm"]) == 0
+    monkeypatch.setattr(jobs, "load_job_model", lambda job: loaded)
+    monkeypatch.setattr(jobs, "predict_entries", predict)
+    conversions.clear()
+    assert main(["evaluate", "--gt", str(tmp_path / "gt"), "--checkpoint", "unused.pt", "--iou-type", "segm",
+                 "--output", str(tmp_path / "evaluation.json")]) == 0
+    assert len(json.loads((tmp_path / "evaluation.detections.json").read_text())) == len(truth["annotations"])
     assert len(conversions) == 1 and "Average Precision" in capsys.readouterr().out

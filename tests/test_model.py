@@ -68,7 +68,7 @@ def test_bottleneck_backbones_build(backbone):
 def test_frozen_batchnorm_keeps_low_precision_and_torchvision_values():
     from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
-    from tinyseg.model.detector import FrozenBatchNorm2d
+    from tinyseg.model.backbones import FrozenBatchNorm2d
 
     ours, theirs = FrozenBatchNorm2d(8), TorchvisionFrozenBN(8)
     for name, buffer in theirs.named_buffers():

@@ -116,6 +116,6 @@ def test_confusion_plot_counts_the_hand_made_errors(run_dir, monkeypatch):
     assert matrix.sum() == len(gt["annotations"]) + 1
     figures = []
     monkeypatch.setattr(report, "_save_figure", lambda figure, path: figures.append(figure) or path)
-    report.plot_confusion(matrix, names, run_dir["dir"] / "confusion.png")
+    report.plot_confusion(matrix, names, run_dir["dir"] / "confusion.png", 0.5)
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in figures[0].axes[0].texts}
     assert texts[(row, col)] == "1" and (len(names) - 1, len(names) - 1) not in texts

@@ -7,16 +7,17 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tinyseg.runtime.checkpoint import CheckpointError
-from tinyseg.inference.jobs import PredictJob, run_predict
-from tinyseg.inference.submission import validate_submission
+from tinyseg.inference.jobs import PredictJob, predict_checkpoint
+from tinyseg.inference.submission import validate_submission, write_submission
 
 
 @pytest.fixture(scope="module")
 def submission(trained_run, tmp_path_factory):
     shapes = trained_run["shapes"]
     out = tmp_path_factory.mktemp("submission") / "submission.json"
-    run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(shapes["images"]), str(out),
-                           str(shapes["test"]), num_workers=0, progress=False))
+    found, _ = predict_checkpoint(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(shapes["images"]),
+                                             str(shapes["test"]), num_workers=0, progress=False))
+    write_submission(out, found.results)
     return out
 
 
@@ -66,8 +67,8 @@ def test_checkpoint_with_other_classes_is_refused(trained_run, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(test))
     with pytest.raises(CheckpointError, match="different class set"):
-        run_predict(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(trained_run["shapes"]["images"]),
-                               str(tmp_path / "x.json"), str(other), num_workers=0, progress=False))
+        predict_checkpoint(PredictJob(str(trained_run["run_dir"] / "best.pt"), str(trained_run["shapes"]["images"]),
+                                      str(other), num_workers=0, progress=False))
 
 
 def test_unreadable_and_missing_images_are_reported_not_dropped(trained_run, tmp_path):

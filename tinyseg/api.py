@@ -146,26 +146,23 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
     "ci" (bootstrap intervals over images for AP, AP50, per-class AP50) unless ci_resamples=0; the ci_ settings
     default to the config's `eval` section.
     """
-    import tempfile
-
-    from .inference.jobs import PredictJob, run_evaluate, run_predict
+    from .config import EvalConfig
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, read_detections, score
 
     if (detections is None) == (checkpoint is None):
         raise ValueError("give either detections or checkpoint (with image_dir)")
+    defaults = EvalConfig()
+    ci = {"ci_resamples": defaults.ci_resamples if ci_resamples is None else ci_resamples, "ci_level": ci_level,
+          "ci_seed": ci_seed}
+    truth = load_ground_truth(str(gt))
     if checkpoint is not None:
         if image_dir is None:
             raise ValueError("checkpoint needs image_dir")
-        with tempfile.TemporaryDirectory() as scratch:
-            job = PredictJob(str(checkpoint), str(image_dir), str(Path(scratch) / "detections.json"), str(gt),
-                             device, None, num_workers=0, progress=False)
-            detections = run_predict(job).results
-    if isinstance(detections, Path):
-        detections = str(detections)
-    from .config import EvalConfig
-
-    resamples = EvalConfig().ci_resamples if ci_resamples is None else ci_resamples
-    return run_evaluate(str(gt), detections, tuple(iou_types), allow_subset=allow_subset, ci_resamples=resamples,
-                        ci_level=ci_level, ci_seed=ci_seed)
+        job = PredictJob(str(checkpoint), str(image_dir), str(gt), device, num_workers=0, progress=False)
+        return evaluate_checkpoint(job, truth, tuple(iou_types), allow_subset, **ci)[1]
+    if isinstance(detections, (str, Path)):
+        detections = read_detections(str(detections))
+    return score(truth, detections, tuple(iou_types), allow_subset, **ci)
 
 
 def compare(gt: str | Path, a: str | Path | list[dict], b: str | Path | list[dict], iou_type: str = "segm",

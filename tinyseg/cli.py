@@ -9,12 +9,13 @@ import sys
 
 
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
-    from .config import DataConfig, PredictConfig
+    from .config import DataConfig, PredictConfig, TrainConfig
 
     def run_default(key: str) -> str:  # None on the command line keeps the run's predict.* setting
         return f"(default: the run's predict.{key}, {getattr(PredictConfig, key)} unless it set one)"
 
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default=TrainConfig.device,
+                        help=f"auto | cpu | cuda | cuda:N (default {TrainConfig.device}, as train.device)")
     parser.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default=None,
                         help="inference precision (default: the run's train.amp; auto = bf16 on capable CPUs, fp16 on CUDA)")
     parser.add_argument("--score-thresh", type=float, default=None,
@@ -121,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--output-dir", required=True)
     visualize.add_argument("--num", type=int, default=16, help="how many images (random, seeded)")
     visualize.add_argument("--seed", type=int, default=0)
-    visualize.add_argument("--score-thresh", type=float, default=0.3)
+    from .config import PredictConfig
+
+    visualize.add_argument("--score-thresh", type=float, default=PredictConfig.overlay_score_thresh,
+                           help="draw detections from this score (default "
+                                f"{PredictConfig.overlay_score_thresh}, as predict.overlay_score_thresh)")
 
     export = verbs.add_parser("export", help="export a checkpoint to ONNX (dynamic image size)")
     export.add_argument("checkpoint")

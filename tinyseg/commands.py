@@ -92,21 +92,24 @@ def _predict_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference.jobs import PredictJob, run_predict, run_predict_onnx
+    from .inference.jobs import PredictJob, predict_checkpoint, predict_onnx
+    from .inference.submission import write_image_list, write_submission
+    from .runtime import distributed as dist
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise UsageError("give --checkpoint CKPT or --onnx MODEL.onnx")
     if args.onnx:
-        found = run_predict_onnx(args.onnx, args.image_dir, args.output, args.images_json, args.score_thresh,
-                                 args.mask_thresh)
+        found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh, args.mask_thresh)
     else:
-        job = PredictJob(args.checkpoint, args.image_dir, args.output, args.images_json, args.device,
-                         _predict_overrides(args), args.workers, amp=args.amp)
-        found = run_predict(job)
-    from .runtime import distributed as dist
-
+        job = PredictJob(args.checkpoint, args.image_dir, args.images_json, args.device, _predict_overrides(args),
+                         args.workers, amp=args.amp)
+        found, entries = predict_checkpoint(job)
     if not dist.is_main():
         return 0
+    count = write_submission(args.output, found.results)
+    if not args.images_json:
+        write_image_list(Path(args.output).with_suffix(".images.json"), entries)
+    log.info("wrote %d detections for %d images to %s", count, len(found.image_ids), args.output)
     if found.errors:
         print(f"tinyseg predict: {len(found.errors)} image(s) could not be read and have no detections:",
               file=sys.stderr)
@@ -118,32 +121,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.coco_eval import format_report
-    from .inference.jobs import PredictJob, run_evaluate, run_predict
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, read_detections, score
+    from .inference.submission import write_submission
+    from .runtime import distributed as dist
     from .runtime.files import write_json
 
     iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
     if bool(args.detections) == bool(args.checkpoint):
         raise UsageError("give either --detections FILE or --checkpoint CKPT --image-dir DIR")
     ci = _ci_options(args)  # checked before a prediction that can take hours
-    detections, gt = args.detections, args.gt
     fmt = args.format or "auto"
+    gt = load_ground_truth(args.gt, fmt)  # converted once: its images, the ids to predict, the scoring
     if args.checkpoint:
-        from .inference.jobs import load_ground_truth
-
-        gt = load_ground_truth(args.gt, fmt)  # converted once: its images, the ids to predict, the scoring
         image_dir = args.image_dir or gt.image_dir
         if not image_dir:
             raise UsageError("--checkpoint needs --image-dir (the images of a COCO --gt)")
-        out = Path(args.output or "evaluation.json")
-        job = PredictJob(args.checkpoint, image_dir, str(out.with_suffix(".detections.json")), args.gt,
-                         args.device, _predict_overrides(args), args.workers, amp=args.amp, images_format=fmt,
-                         images_data=gt)
-        detections = run_predict(job).results
-        from .runtime import distributed as dist
-
+        job = PredictJob(args.checkpoint, image_dir, args.gt, args.device, _predict_overrides(args), args.workers,
+                         amp=args.amp)
+        found, results = evaluate_checkpoint(job, gt, iou_types, args.allow_subset, **ci)
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
-    results = run_evaluate(gt, detections, iou_types, allow_subset=args.allow_subset, fmt=fmt, **ci)
+        write_submission(Path(args.output or "evaluation.json").with_suffix(".detections.json"), found.results)
+    else:
+        results = score(gt, read_detections(args.detections), iou_types, args.allow_subset, **ci)
     print(format_report(results))
     if args.output:
         write_json(args.output, results)

@@ -68,7 +68,7 @@ class InputConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"  # a name in tinyseg.model.BACKBONES: resnet18..152, resnext*, regnet_x/y_*
     # imagenet | coco | coco-v2 | none | /path/to/state_dict.pth (a torchvision ResNet's or Mask R-CNN's)
     init: str = "imagenet"
     # auto | tinyseg | maskrcnn_resnet50_fpn | maskrcnn_resnet50_fpn_v2: torchvision's detector layouts
@@ -142,6 +142,9 @@ class PredictConfig:
     batch_size: int = 2
     tta: bool = False
     tta_scales: list[int] = field(default_factory=list)  # extra test short sides; empty = flip only
+    # Overlays (visualize, demo, the report's gallery) draw detections from this score; the report's
+    # confusion matrix and per-image F1 count them from it too
+    overlay_score_thresh: float = 0.5
 
 
 @dataclass

@@ -15,8 +15,8 @@ from .config import load_config
 from .data.synthetic import make_shapes_dataset
 from .training.trainer import train
 from .evaluation.coco_eval import format_report
-from .inference.jobs import PredictJob, run_evaluate, run_predict
-from .inference.submission import validate_submission
+from .inference.jobs import PredictJob, load_ground_truth, predict_checkpoint, read_detections, score
+from .inference.submission import validate_submission, write_submission
 from .runtime.files import write_json
 from .inference.overlays import write_overlays
 
@@ -35,18 +35,19 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     summary = train(config)
 
     submission = out / "submission.json"
-    found = run_predict(PredictJob(str(run_dir / "best.pt"), str(paths["images"]), str(submission),
-                                   str(paths["test"]), "auto", None, num_workers=0))
+    found, _ = predict_checkpoint(PredictJob(str(run_dir / "best.pt"), str(paths["images"]), str(paths["test"]),
+                                             num_workers=0))
+    write_submission(submission, found.results)
     problems = validate_submission(submission, paths["test"])
     if problems:
         raise RuntimeError("the demo's own submission is invalid:\n" + "\n".join(problems))
-    scores = run_evaluate(str(paths["test_gt"]), str(submission), ("segm", "bbox"))
+    scores = score(load_ground_truth(str(paths["test_gt"])), read_detections(str(submission)))
     write_json(out / "test_scores.json", scores)
     print(format_report(scores))
 
     test_json = json.loads(Path(paths["test"]).read_text())
     overlays = write_overlays(test_json["images"][:8], found.results, test_json["categories"], paths["images"],
-                              out / "overlays", score_thresh=0.5)
+                              out / "overlays", config.predict.overlay_score_thresh)
     result = {"val_segm_AP50": summary["best"].get("segm_AP50"), "test_segm_AP50": scores["segm"]["stats"]["AP50"],
               "test_bbox_AP50": scores["bbox"]["stats"]["AP50"], "seconds": round(time.time() - started, 1),
               "submission": str(submission), "overlays": str(overlays[0].parent) if overlays else None,

@@ -23,15 +23,16 @@ class InstanceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[ImageRecord], image_dir: str | Path, categories: CategoryMap,
-                 transforms: Callable | None = None, copies: int = 1, flipped_copies: int = 0,
+                 transforms: Callable | None = None, copies: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
         self.records = records
         self.seed = seed
         self.image_dir = Path(image_dir)
         self.categories = categories
+        # (image, target, copy index) -> (image, target), e.g. augment.SampleTransform: the copy index
+        # lets it treat the copies of one image differently (flipped copies).
         self.transforms = transforms
         self.copies = max(1, copies)
-        self.flipped_copies = min(flipped_copies, self.copies)
         self.max_pixels = max_pixels
         self._rle_cache: dict[int, list[dict]] = {}
 
@@ -83,15 +84,9 @@ class InstanceDataset(torch.utils.data.Dataset):
             "labels": torch.tensor(labels, dtype=torch.int64),
             "image_id": record.image_id,
         }
-        if index // len(self.records) < self.flipped_copies:
-            image, target = F.horizontal_flip(image), {**target, **_flip(target)}
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            image, target = self.transforms(image, target, index // len(self.records))
         return image, finalize_target(target)
-
-
-def _flip(target: dict) -> dict:
-    return {"masks": F.horizontal_flip(target["masks"]), "boxes": F.horizontal_flip(target["boxes"])}
 
 
 def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:

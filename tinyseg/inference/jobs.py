@@ -1,37 +1,44 @@
-"""The predict and evaluate jobs: checkpoint + images -> submission file, and scoring against ground truth."""
+"""Predict a set of images, and predict-then-score: results in memory, for the writers and the scorer.
+
+One path serves every caller: `predict_entries` (each rank its share, all ranks get every result back) is
+what `tinyseg predict` runs, and `predict_and_score` adds COCO scoring on top for the trainer's validation,
+`tinyseg evaluate --checkpoint` and `tinyseg.evaluate(checkpoint=...)`. Nothing here writes a file: the
+submission, the images list and the overlays are written by their writers (inference/submission.py,
+inference/overlays.py) from the returned results.
+"""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.coco import CategoryMap, CocoData, DatasetError
-from ..data.formats import load_dataset, resolve_format, val_split
-from ..data.dataset import ImageListDataset
-from ..runtime import distributed as dist
-from ..evaluation.coco_eval import evaluate_detections
-from .predictor import Predictions, load_model, predict_images
-from ..runtime.files import write_json
-from .submission import write_submission
+import torch
 
-log = logging.getLogger("tinyseg")
+from ..config import PredictConfig
+from ..data.coco import CategoryMap, CocoData, DatasetError
+from ..data.dataset import ImageListDataset
+from ..data.formats import load_dataset, resolve_format, val_split
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..evaluation.coco_eval import evaluate_detections
+from ..runtime import distributed as dist
+from ..runtime.precision import resolve_device
+from .predictor import LoadedModel, Predictions, load_model, predict_images
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
 class PredictJob:
+    """A checkpoint and the images to run it on (the options of `tinyseg predict` / `evaluate --checkpoint`)."""
+
     checkpoint: str
     image_dir: str
-    output: str
     images_json: str = ""
     device: str = "auto"
     predict_overrides: dict | None = None  # PredictConfig fields; None values keep the run's setting
     num_workers: int = 2
     progress: bool = True
     amp: str | None = None  # auto | none | bf16 | fp16; None = the run's train.amp
-    images_format: str = "auto"  # of images_json: coco, or labelme / yolo / voc labels (data/formats)
-    images_data: CocoData | None = None  # images_json already loaded (evaluate converts its ground truth once)
 
 
 def load_ground_truth(gt_json: str, fmt: str = "auto", require_annotations: bool = True) -> CocoData:
@@ -55,37 +62,78 @@ def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
     return list(enumerate(files, start=1))
 
 
-def run_predict(job: PredictJob) -> Predictions:
-    """Predict every image and write the submission atomically; unreadable images are listed in .errors."""
-    from ..runtime.precision import resolve_device
+def loader_settings(device: torch.device, batch_size: int, num_workers: int) -> tuple[int, int]:
+    """Images per forward pass and loading processes. On a CPU a batch only adds padding work and loader
+    workers compete with the model for the cores: one image at a time, decoded in-process
+    (benchmarks/README.md, "Each speed-up alone")."""
+    return (1, 0) if device.type == "cpu" else (batch_size, num_workers)
 
-    device = dist.init(resolve_device(job.device))
-    loaded = load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)
-    entries = image_entries(job.image_dir, job.images_json, loaded.categories, job.images_format, job.images_data)
-    p = loaded.config.predict
-    dataset = ImageListDataset(entries, job.image_dir, loaded.config.data.max_image_pixels)
+
+def predict_entries(model: torch.nn.Module, categories: CategoryMap, device: torch.device, predict: PredictConfig,
+                    entries: list[tuple[int, str]], image_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    num_workers: int = 0, progress: bool = True) -> Predictions:
+    """Detections for the entries' images: each rank predicts its share, every rank gets all of them back
+    (in rank order). Unreadable images are listed in .errors, not fatal."""
+    dataset = ImageListDataset(entries, image_dir, max_pixels)
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-    # On a CPU a batch only adds padding work (measured 0.71 vs 0.87 images/s, R50-FPN 512 px), and
-    # loader workers compete with the model for the cores: one image at a time, decoded in-process.
-    cpu = loaded.device.type == "cpu"
-    found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, p.mask_thresh,
-                           1 if cpu else p.batch_size, 0 if cpu else job.num_workers, indices=shard,
-                           progress=job.progress and dist.is_main(), tta=p)
+    batch_size, workers = loader_settings(device, predict.batch_size, num_workers)
+    found = predict_images(model, dataset, categories, device, predict.mask_thresh, batch_size, workers,
+                           indices=shard, progress=progress and dist.is_main(), tta=predict)
     parts = dist.all_gather_objects(found)
-    merged = Predictions([r for part in parts for r in part.results], [e for part in parts for e in part.errors],
-                         [i for part in parts for i in part.image_ids])
-    if dist.is_main():
-        count = write_submission(job.output, merged.results)
-        if not job.images_json:
-            images = [{"id": i, "file_name": name} for i, name in entries]
-            write_json(Path(job.output).with_suffix(".images.json"), {"images": images})
-        log.info("wrote %d detections for %d images to %s", count, len(merged.image_ids), job.output)
-    return merged
+    return Predictions([r for part in parts for r in part.results], [e for part in parts for e in part.errors],
+                       [i for part in parts for i in part.image_ids])
 
 
-def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: str = "",
-                     score_thresh: float | None = None, mask_thresh: float | None = None) -> Predictions:
-    """The same job as run_predict, through onnxruntime: one image at a time, no PyTorch model."""
+def score(gt: CocoData | dict, detections: list[dict], iou_types: tuple[str, ...] = ("segm", "bbox"),
+          allow_subset: bool = False, **ci) -> dict:
+    """COCO AP of detections on gt; `ci` (ci_resamples, ci_level, ci_seed) goes to evaluate_detections."""
+    coco = gt.to_coco_dict() if isinstance(gt, CocoData) else gt
+    return evaluate_detections(coco, detections, iou_types, allow_subset=allow_subset, **ci)
+
+
+def predict_and_score(model: torch.nn.Module, categories: CategoryMap, device: torch.device,
+                      predict: PredictConfig, gt: CocoData | dict, image_dir: str | Path,
+                      iou_types: tuple[str, ...] = ("segm", "bbox"), allow_subset: bool = False,
+                      max_pixels: int = DEFAULT_MAX_PIXELS, num_workers: int = 0, progress: bool = True,
+                      **ci) -> tuple[Predictions, dict | None]:
+    """Predict gt's images and score them (rank 0 scores; other ranks get None as the results)."""
+    coco = gt.to_coco_dict() if isinstance(gt, CocoData) else gt
+    entries = [(image["id"], image["file_name"]) for image in coco["images"]]
+    found = predict_entries(model, categories, device, predict, entries, image_dir, max_pixels, num_workers, progress)
+    if not dist.is_main():
+        return found, None
+    return found, score(coco, found.results, iou_types, allow_subset, **ci)
+
+
+def load_job_model(job: PredictJob) -> LoadedModel:
+    """The job's checkpoint on this rank's device (torchrun: one process per device)."""
+    device = dist.init(resolve_device(job.device))
+    return load_model(job.checkpoint, str(device), job.predict_overrides, job.amp)
+
+
+def predict_checkpoint(job: PredictJob) -> tuple[Predictions, list[tuple[int, str]]]:
+    """`tinyseg predict`: the job's images through its checkpoint; returns the detections and the entries."""
+    loaded = load_job_model(job)
+    entries = image_entries(job.image_dir, job.images_json, loaded.categories)
+    found = predict_entries(loaded.model, loaded.categories, loaded.device, loaded.config.predict, entries,
+                            job.image_dir, loaded.config.data.max_image_pixels, job.num_workers, job.progress)
+    return found, entries
+
+
+def evaluate_checkpoint(job: PredictJob, gt: CocoData, iou_types: tuple[str, ...] = ("segm", "bbox"),
+                        allow_subset: bool = False, **ci) -> tuple[Predictions, dict | None]:
+    """`tinyseg evaluate --checkpoint`: predict gt's images (in job.image_dir) and score them."""
+    loaded = load_job_model(job)
+    if gt.categories.category_ids:
+        loaded.categories.check_same(gt.categories, job.checkpoint, job.images_json or "the ground truth")
+    return predict_and_score(loaded.model, loaded.categories, loaded.device, loaded.config.predict, gt,
+                             job.image_dir, iou_types, allow_subset, loaded.config.data.max_image_pixels,
+                             job.num_workers, job.progress, **ci)
+
+
+def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_thresh: float | None = None,
+                 mask_thresh: float | None = None) -> tuple[Predictions, list[tuple[int, str]]]:
+    """What predict_checkpoint does, through onnxruntime: one image at a time, no PyTorch model."""
     from .export import OnnxModel
 
     model = OnnxModel(model_path, score_thresh, mask_thresh)
@@ -99,19 +147,13 @@ def run_predict_onnx(model_path: str, image_dir: str, output: str, images_json: 
             continue
         found.results += model.results(image.float() / 255, meta["image_id"])
         found.image_ids.append(meta["image_id"])
-    count = write_submission(output, found.results)
-    log.info("wrote %d detections for %d images to %s (onnxruntime)", count, len(found.image_ids), output)
-    return found
+    return found, entries
 
 
-def run_evaluate(gt_json: str | CocoData, detections: list[dict] | str, iou_types: tuple[str, ...],
-                 allow_subset: bool = False, fmt: str = "auto", **ci) -> dict:
-    """Load (unless given loaded) and score; `ci` (ci_resamples, ci_level, ci_seed) goes to evaluate_detections."""
+def read_detections(path: str) -> list[dict]:
     from ..data.coco import read_json
 
-    gt = gt_json if isinstance(gt_json, CocoData) else load_ground_truth(gt_json, fmt)
-    if isinstance(detections, str):
-        path, detections = detections, read_json(detections)
-        if not isinstance(detections, list):
-            raise DatasetError(f"{path}: a detections file must hold a JSON list of results")
-    return evaluate_detections(gt.to_coco_dict(), detections, iou_types, allow_subset=allow_subset, **ci)
+    detections = read_json(path)
+    if not isinstance(detections, list):
+        raise DatasetError(f"{path}: a detections file must hold a JSON list of results")
+    return detections

@@ -52,7 +52,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def write_overlays(images: list[dict], instances: list[dict], categories: list[dict], image_dir: str | Path,
-                   output_dir: str | Path, score_thresh: float = 0.3, limit: int | None = None) -> list[Path]:
+                   output_dir: str | Path, score_thresh: float, limit: int | None = None) -> list[Path]:
     """One PNG per image; instances under score_thresh are left out (ground truth has no score)."""
     names = {c["id"]: c.get("name", str(c["id"])) for c in categories}
     by_image = defaultdict(list)

@@ -47,8 +47,7 @@ def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | 
     model.load_state_dict(state.get("ema") or state["model"])
     target = resolve_device(device)
     model.to(target).eval()
-    # channels_last: with frozen BN folded, R50-FPN inference at 512 px on 2 CPU cores ran at 0.87-1.02
-    # images/s with it and 0.63-0.65 without; GroupNorm models skip it on CPU (model/for_inference.py).
+    # channels_last for frozen-BN models; GroupNorm models skip it on CPU (model/for_inference.py).
     prepare_for_inference(model, resolve_amp(amp or config.train.amp, target), config.train.channels_last)
     return LoadedModel(model, categories, config, target)
 

@@ -23,6 +23,11 @@ def write_submission(path: str | Path, results: list[dict]) -> int:
     return len(entries)
 
 
+def write_image_list(path: str | Path, entries: list[tuple[int, str]]) -> None:
+    """The ids given to a folder's images (no images JSON named them): {"images": [{"id", "file_name"}]}."""
+    write_json(path, {"images": [{"id": image_id, "file_name": name} for image_id, name in entries]})
+
+
 def validate_submission(submission_path: str | Path, images_json: str | Path,
                         categories_json: str | Path | None = None, limit: int = 50) -> list[str]:
     """Every problem found (empty when valid): schema, types, ids, and RLEs that decode to the image's size."""

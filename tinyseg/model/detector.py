@@ -1,4 +1,4 @@
-"""Mask R-CNN + FPN on a torchvision ResNet/ResNeXt trunk, initialised from ImageNet, COCO, a file, or nothing.
+"""Mask R-CNN + FPN on a registered trunk (backbones.py), initialised from ImageNet, COCO, a file, or nothing.
 
 Two layouts: tinyseg's own (any trunk, FPN and head widths, norm chosen by model.norm), and torchvision's
 maskrcnn_resnet50_fpn / maskrcnn_resnet50_fpn_v2, built tensor for tensor so that their COCO weights
@@ -7,9 +7,7 @@ load whole (model.arch; auto picks the layout of the weights).
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections import OrderedDict
 
 import torch
@@ -17,22 +15,18 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import misc as misc_ops
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..config import ConfigError, InputConfig, ModelConfig, PredictConfig
+from .backbones import build_backbone, check_backbone, norm_factory
 from .roi_pool import ParallelMultiScaleRoIAlign
 from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, frozen_bn_eps, load_detector_weights,
-                      load_trunk_weights, read_init_weights)
+                      read_init_weights)
 
 log = logging.getLogger("tinyseg")
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 
 
 def resolve_norm(cfg: ModelConfig, arch: str = "tinyseg") -> str:
@@ -79,50 +73,6 @@ def check_detector_init_allowed(cfg: ModelConfig, weights: InitWeights | None) -
                       "your rules allow it")
 
 
-class FrozenBatchNorm2d(misc_ops.FrozenBatchNorm2d):
-    """torchvision's FrozenBatchNorm2d that keeps its input's dtype.
-
-    Under autocast the convolution hands over bf16/fp16, and torchvision's fp32 statistics promoted
-    every activation back to fp32, to be cast down again by the next convolution.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
-
-
-def norm_factory(norm: str, frozen_eps: float = 1e-5):
-    if norm == "frozen_bn":
-        return FrozenBatchNorm2d if frozen_eps == 1e-5 else functools.partial(FrozenBatchNorm2d, eps=frozen_eps)
-    if norm in ("bn", "syncbn"):
-        return nn.BatchNorm2d  # syncbn: converted once the process group exists (runtime/distributed.py)
-    if norm == "gn":
-        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
-    raise ValueError(f"unknown norm '{norm}'")
-
-
-class AmpBackboneWithFPN(BackboneWithFPN):
-    """The trunk and FPN under autocast, features handed on in fp32.
-
-    The heads decode boxes and compute losses: in bf16 a coordinate near 512 px has a resolution of
-    2-4 px and exp() of box deltas overflows sooner (the likely cause of NaN losses in a whole-model
-    bf16 trial). So only the convolution-heavy backbone runs in low precision.
-    """
-
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.amp_dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, dtype=self.amp_dtype):
-            features = super().forward(x)
-        return OrderedDict((name, f.float().contiguous()) for name, f in features.items())
-
-
 def _to_float(value):
     if isinstance(value, torch.Tensor):
         return value.float()
@@ -132,8 +82,8 @@ def _to_float(value):
 class InferenceAmp:
     """Mixin for the heads: in eval mode the module runs under autocast and hands back fp32.
 
-    In inference the heads cost more than the backbone (R50-FPN, 512 px, 100 detections: box and mask
-    heads 3.2 s vs backbone 1.6 s per 7 images on 2 CPU cores). Their outputs are cast to fp32 before
+    In inference the heads can cost more than the backbone (100 detections per image: box and mask heads
+    run per RoI; benchmarks/README.md, "Each speed-up alone"). Their outputs are cast to fp32 before
     any box decoding, NMS or mask pasting. Training keeps the heads in fp32 (see AmpBackboneWithFPN).
     """
 
@@ -168,7 +118,7 @@ class AmpConvFCHead(InferenceAmp, FastRCNNConvFCHead):
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
-    """torchvision's normalise/batch/postprocess, but no resize in training: the data presets size the images.
+    """torchvision's normalise/batch/postprocess, but no resize in training: data/augment.py sizes the images.
 
     With paste_masks False, inference outputs keep the mask head's (N, 1, M, M) probabilities as
     "mask_probs" (boxes in image pixels) instead of full-size "masks"; inference/masks.py pastes
@@ -205,44 +155,6 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return resized[0]
 
 
-def build_backbone(cfg: ModelConfig, arch: str = "tinyseg", trunk_weights: InitWeights | None = None
-                   ) -> AmpBackboneWithFPN:
-    if cfg.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(BACKBONES)}")
-    import torchvision
-
-    norm = resolve_norm(cfg, arch)
-    eps, _ = frozen_bn_eps(cfg.init)  # from the weights, whatever the layout: a COCO_V1 trunk alone too
-    trunk = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_factory(norm, eps))
-    pretrained = cfg.init != "none"
-    if trunk_weights is not None:
-        load_trunk_weights(trunk, cfg.backbone, trunk_weights)
-    trainable = max(0, min(5, cfg.trainable_layers)) if pretrained else 5
-    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
-    if trainable == 5:
-        stages.append("bn1")
-    for name, parameter in trunk.named_parameters():
-        if all(not name.startswith(stage) for stage in stages):
-            parameter.requires_grad_(False)
-    stage_channels = trunk.inplanes // 8  # 64 for BasicBlock trunks, 256 for Bottleneck ones
-    backbone = AmpBackboneWithFPN(
-        trunk,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        in_channels_list=[stage_channels * 2**i for i in range(4)],
-        out_channels=cfg.fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-        norm_layer=fpn_norm(arch, norm),
-    )
-    return backbone
-
-
-def fpn_norm(arch: str, norm: str):
-    if arch == "maskrcnn_resnet50_fpn_v2":
-        return norm_factory(norm)
-    # tinyseg: frozen statistics exist only for the pretrained trunk; maskrcnn_resnet50_fpn: no norm there
-    return None if norm == "frozen_bn" or arch == "maskrcnn_resnet50_fpn" else norm_factory(norm)
-
-
 class DropoutMLPHead(InferenceAmp, nn.Module):
     """torchvision's TwoMLPHead with optional dropout after each hidden layer."""
 
@@ -266,6 +178,7 @@ def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True, t
     when model.init's file is no longer there. test, predict: the inference settings
     (apply_inference_settings); None = the config's defaults.
     """
+    check_backbone(cfg)  # before reading any weights for it
     weights = None
     if load_weights:
         check_detector_init_allowed(cfg, None)  # before downloading anything
@@ -284,7 +197,7 @@ def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True, t
                  cfg.init, arch)
     if weights is not None and norm == "frozen_bn" and cfg.init != "imagenet":
         log.info("model.init=%s: frozen BatchNorm eps %g (%s)", cfg.init, *frozen_bn_eps(cfg.init))
-    backbone = build_backbone(cfg, arch, None if whole else weights)
+    backbone = build_backbone(cfg, arch, norm, None if whole else weights)
     channels = cfg.fpn_channels
     if arch in TORCHVISION_ARCHS:
         head_norm = norm_factory(norm) if arch == "maskrcnn_resnet50_fpn_v2" else None

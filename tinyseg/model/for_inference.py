@@ -3,7 +3,8 @@
 A frozen BatchNorm is a fixed per-channel affine map, so conv -> FrozenBN equals one conv with
 scaled weights and a bias. Folding saves a multiply and an add per layer, and under bf16 autocast it
 saves more: FrozenBN's fp32 statistics promote the conv's bf16 output to fp32, so every layer paid
-two full-size dtype conversions (20% of CPU inference time for R50-FPN at 512 px on 2 cores).
+two full-size dtype conversions. What each of these steps is worth: benchmarks/README.md, "Each speed-up
+alone".
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .detector import AmpBackboneWithFPN, InferenceAmp, set_precision
+from .backbones import AmpBackboneWithFPN
+from .detector import InferenceAmp, set_precision
 
 
 def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool) -> nn.Module:
@@ -22,8 +24,8 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
     Only for a model that will not be trained again: the weights change form (not values).
     """
     fold_frozen_batchnorm(model.backbone.body)
-    # On CPU, channels_last sped up a folded frozen-BN R50-FPN 1.35-1.6x but slowed a GroupNorm
-    # R18-FPN (nuclei val evaluate, back to back: 59 s vs 47 s): GroupNorm is slow channels-last on CPU.
+    # On CPU, channels_last speeds up a folded frozen-BN model but slows a GroupNorm one: GroupNorm is
+    # slow channels-last on CPU (benchmarks/README.md, "Each speed-up alone").
     has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
     channels_last = channels_last and not (has_group_norm and _on_cpu(model))
     set_precision(model, amp_dtype, channels_last)
@@ -37,9 +39,8 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
 def conv_heads_channels_last(model: nn.Module) -> None:
     """The RPN and mask heads in channels-last layout, as set_precision puts the backbone.
 
-    oneDNN's bf16 kernels (the mask head's transposed conv above all: 63 ms vs 25 ms for 100 RoIs)
-    are much faster with channels-last weights. R50-FPN, 512 px, 2 CPU cores: 1.24 -> 1.60 images/s,
-    identical detections.
+    oneDNN's bf16 kernels (the mask head's transposed conv above all) are much faster with channels-last
+    weights, for identical detections (benchmarks/README.md, "Each speed-up alone").
     """
     for head in (model.rpn.head, model.roi_heads.mask_head, model.roi_heads.mask_predictor):
         if head is not None:

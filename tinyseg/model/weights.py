@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,6 +44,10 @@ class InitWeights:
 def imagenet_weights(backbone: str):
     import torchvision
 
+    if backbone not in torchvision.models.list_models():
+        # a family registered outside torchvision (model/backbones.py): its weights can only be a file
+        raise BackboneWeightsError(f"model.init=imagenet: torchvision has no ImageNet weights for model.backbone="
+                                   f"{backbone}; use model.init=/path/to/weights.pth or model.init=none")
     return torchvision.models.get_model_weights(backbone).DEFAULT
 
 
@@ -119,7 +124,7 @@ def read_state_dict(path: str, loaded=None) -> dict:
 
 
 def trunk_state(state: dict) -> dict:
-    """Trunk keys as a bare ResNet names them, from a ResNet's, a backbone's or a whole detector's state."""
+    """Trunk keys as the bare trunk names them, from a trunk's, a backbone's or a whole detector's state."""
     stripped = {}
     for key, value in state.items():
         for prefix in ("backbone.body.", "body."):
@@ -215,9 +220,16 @@ def upgrade_detector_keys(state: dict) -> dict:
     return renamed
 
 
-def load_trunk_weights(trunk: nn.Module, backbone: str, weights: InitWeights) -> None:
-    """Load ImageNet or file weights into the trunk; the classifier (fc) is not needed."""
+def load_trunk_weights(trunk: nn.Module, backbone: str, weights: InitWeights,
+                       weights_key: Callable[[str], str] | None = None) -> None:
+    """Load ImageNet or file weights into the trunk; the classifier (fc) is not needed.
+
+    weights_key: torchvision's key for the model -> the trunk's, where the trunk arranges torchvision's
+    modules differently (Trunk.weights_key, model/backbones.py).
+    """
     state = {k: v for k, v in trunk_state(weights.state).items() if not k.startswith("fc.")}
+    if weights_key is not None:
+        state = {weights_key(k): v for k, v in state.items()}
     own = trunk.state_dict()
     # FrozenBatchNorm has no num_batches_tracked; GroupNorm has no running statistics.
     usable = {k: v for k, v in state.items() if k in own}

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..config import config_from_dict  # noqa: E402
 from ..runtime.files import atomic_write, atomic_write_text  # noqa: E402
 from ..runtime.metrics_log import read_metrics  # noqa: E402
 from ..evaluation.coco_eval import image_f1  # noqa: E402
@@ -33,7 +34,6 @@ from ..evaluation.confusion import confusion_matrix  # noqa: E402
 LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 # The detections a reader would keep: drawn in the worst-images gallery and counted in the confusion
 # matrix (AP itself uses every detection).
-SCORE_THRESH = 0.5
 
 
 def _save_figure(figure, path: Path) -> Path:
@@ -130,7 +130,7 @@ def plot_per_class(results: dict, path: Path) -> Path:
     return _save_figure(figure, path)
 
 
-def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> Path:
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, score_thresh: float) -> Path:
     """Counts in the cells; colour is the share of the row (of a class's objects; of the false positives)."""
     size = len(names)
     totals = matrix.sum(axis=1, keepdims=True)
@@ -146,7 +146,7 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> Path:
     axis.set_yticks(range(size), names, fontsize=8)
     axis.set_xlabel("predicted (background: missed objects)")
     axis.set_ylabel("ground truth (background: false positives)")
-    axis.set_title(f"mask confusion at IoU 0.5, score \u2265 {SCORE_THRESH} (val)", fontsize=10)
+    axis.set_title(f"mask confusion at IoU 0.5, score \u2265 {score_thresh} (val)", fontsize=10)
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the row")
     return _save_figure(figure, path)
 
@@ -170,18 +170,19 @@ def plot_pr(results: dict, path: Path) -> Path | None:
     return _save_figure(figure, path)
 
 
-def worst_images_gallery(gt: dict, detections: list[dict], image_dir: str, out_dir: Path, count: int = 6) -> list[tuple[Path, float]]:
+def worst_images_gallery(gt: dict, detections: list[dict], image_dir: str, out_dir: Path, score_thresh: float,
+                         count: int = 6) -> list[tuple[Path, float]]:
     """Side-by-side ground truth | prediction for the val images with the lowest per-image F1."""
     from ..inference.overlays import draw_instances, save_png
     from ..data.images import image_path, load_rgb
 
-    f1 = image_f1(gt, detections, score_thresh=SCORE_THRESH)
+    f1 = image_f1(gt, detections, score_thresh=score_thresh)
     names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
     truths, found = defaultdict(list), defaultdict(list)
     for a in gt.get("annotations", []):
         truths[a["image_id"]].append(a)
     for d in detections:
-        if d["score"] >= SCORE_THRESH:
+        if d["score"] >= score_thresh:
             found[d["image_id"]].append(d)
     images = {i["id"]: i for i in gt["images"]}
     written = []
@@ -252,14 +253,15 @@ def write_report(run_dir: Path) -> Path:
         gt_path, detections_path = run_dir / "val_gt.json", run_dir / "val_detections.json"
         if gt_path.exists() and detections_path.exists():
             gt, detections = json.loads(gt_path.read_text()), json.loads(detections_path.read_text())
-            matrix, names = confusion_matrix(gt, detections, score_thresh=SCORE_THRESH)
-            sections.append(_figure(plot_confusion(matrix, names, plots / "confusion.png"),
-                                    f"mask confusion matrix, IoU 0.5, score >= {SCORE_THRESH}"))
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
-            image_dir = config["data"]["val_image_dir"] or config["data"]["image_dir"]
-            gallery = worst_images_gallery(gt, detections, image_dir, plots)
+            config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+            thresh = config.predict.overlay_score_thresh
+            matrix, names = confusion_matrix(gt, detections, score_thresh=thresh)
+            sections.append(_figure(plot_confusion(matrix, names, plots / "confusion.png", thresh),
+                                    f"mask confusion matrix, IoU 0.5, score >= {thresh}"))
+            image_dir = config.data.val_image_dir or config.data.image_dir
+            gallery = worst_images_gallery(gt, detections, image_dir, plots, thresh)
             sections.append("<h2>Worst val images (left: ground truth, right: prediction, "
-                            f"score &ge; {SCORE_THRESH})</h2>")
+                            f"score &ge; {thresh})</h2>")
             sections += [_figure(path, f"image F1 at IoU 0.5: {score:.2f}") for path, score in gallery]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tinyseg report: {html.escape(run_dir.name)}</title>

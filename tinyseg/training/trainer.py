@@ -16,12 +16,10 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.training_data import TrainingData, build_training_data
 from ..data.coco import CategoryMap, DatasetError
-from ..data.copy_paste import copy_paste
-from ..data.dataset import ImageListDataset, InstanceDataset, collate
-from ..data.presets import train_transforms
+from ..data import augment
+from ..data.dataset import InstanceDataset, collate
 from ..data.samplers import TrainBatchSampler, repeat_factors
-from ..evaluation.coco_eval import evaluate_detections
-from ..inference.predictor import predict_images
+from ..inference.jobs import predict_and_score
 from ..model import apply_inference_settings, build_model, set_precision
 from ..runtime import distributed as dist
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -79,9 +77,10 @@ class Trainer:
 
     def _build_loader(self) -> None:
         c = self.cfg
+        self.augmentation = augment.build(c.input, c.train.seed, dist.rank())
         self.dataset = InstanceDataset(self.data.train_records, self.data.train_image_dir, self.data.categories,
-                                       train_transforms(c.input), c.input.copies, c.input.flipped_copies,
-                                       c.data.max_image_pixels, c.train.seed)
+                                       self.augmentation.sample, c.input.copies, c.data.max_image_pixels,
+                                       c.train.seed)
         self.dataset.cache_masks()
         factors = None
         if c.input.repeat_threshold > 0:
@@ -106,8 +105,8 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler) // s.accumulate
         self.total_iters = s.max_iters if s.max_iters > 0 else s.epochs * self.steps_per_epoch
         if s.warmup_iters * 2 > self.total_iters:
-            # Measured on nuclei: 27 iterations under a 100-iteration warm-up gave segm AP50 0.017; 0.079
-            # with the warm-up scaled to 7 (benchmarks/README.md).
+            # A short run that never leaves its warm-up learns almost nothing (benchmarks/README.md, "The
+            # same number of images seen").
             log.warning("solver.warmup_iters=%d is over half of the %d iterations of this run: the learning "
                         "rate stays low most of the time; lower solver.warmup_iters (a quarter of the run or "
                         "less)", s.warmup_iters, self.total_iters)
@@ -206,20 +205,27 @@ class Trainer:
         self.model.train()
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip_batches = self.epoch_step
-        # Model-side randomness (RoI sampling) restarts from (seed, epoch); augmentation is seeded per
-        # sample in the dataset. So a run resumed at an epoch boundary repeats every draw exactly.
-        torch.manual_seed(c.train.seed * 1000 + self.epoch)
+        # Model-side randomness (RoI sampling) restarts from (seed, epoch); augmentation is seeded per sample
+        # in the dataset and per batch in the batch transform. A run resumed mid-epoch instead continues
+        # from the checkpoint's RNG state, put back after the loader's iterator has taken its own draw
+        # from it. So a resumed run repeats every draw exactly.
+        resumed_rng = torch.get_rng_state() if self.epoch_step else None
+        if resumed_rng is None:
+            torch.manual_seed(c.train.seed * 1000 + self.epoch)
         network = self.ddp or self.model
         accumulate = c.solver.accumulate
         # Micro-batches past the last whole optimizer step are not run: their gradients would otherwise
         # be added into the next epoch's first step, which would then see more samples than the others.
         usable = self.steps_per_epoch * accumulate
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
+        batches = iter(self.loader)
+        if resumed_rng is not None:
+            torch.set_rng_state(resumed_rng)
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
                    initial=self.epoch_step, total=usable, dynamic_ncols=True)
         for images, targets in bar:
             if self.epoch_step >= usable:
                 break
-            images, targets = copy_paste(list(images), list(targets), c.input.copy_paste_prob)
+            images, targets = self.augmentation.batch(images, targets, self.epoch, self.epoch_step)
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             self.epoch_step += 1
@@ -327,23 +333,18 @@ class Trainer:
 
 def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, device: torch.device,
                    run_dir: Path | None = None) -> dict | None:
-    """COCO AP on the val records; each rank predicts its shard, rank 0 scores the gathered results."""
-    p = cfg.predict
-    apply_inference_settings(model, cfg.input, p)
-    dataset = ImageListDataset([(r.image_id, r.file_name) for r in data.val_records], data.val_image_dir,
-                               cfg.data.max_image_pixels)
-    shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-    found = predict_images(model, dataset, data.categories, device, p.mask_thresh, p.batch_size,
-                           indices=shard, progress=dist.is_main(), tta=p)
-    gathered = dist.all_gather_objects(found.results)
-    if not dist.is_main():
+    """COCO AP on the val records, by the same predict-and-score as `tinyseg evaluate --checkpoint`; rank 0
+    scores (other ranks get None) and writes the latest evaluation in full for the report."""
+    apply_inference_settings(model, cfg.input, cfg.predict)
+    e = cfg.eval
+    found, results = predict_and_score(model, data.categories, device, cfg.predict, data.val_gt, data.val_image_dir,
+                                       max_pixels=cfg.data.max_image_pixels, num_workers=cfg.data.num_workers,
+                                       ci_resamples=e.ci_resamples, ci_level=e.ci_level, ci_seed=e.ci_seed)
+    if results is None:
         return None
-    detections = [r for part in gathered for r in part]
-    results = evaluate_detections(data.val_gt, detections, ci_resamples=cfg.eval.ci_resamples,
-                                  ci_level=cfg.eval.ci_level, ci_seed=cfg.eval.ci_seed)
-    if run_dir is not None:  # the report's material: the latest evaluation in full
+    if run_dir is not None:
         write_json(run_dir / "val_results.json", results)
-        write_json(run_dir / "val_detections.json", detections)
+        write_json(run_dir / "val_detections.json", found.results)
     return {f"{kind}_{name}": value for kind in ("segm", "bbox") for name, value in results[kind]["stats"].items()}
 
 
