@@ -67,9 +67,13 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, process: bool 
     with stdout, stderr and tinyseg's log captured as a subprocess's would be; process=True runs
     `python -m tinyseg` for real (the entry point itself, signals, torchrun)."""
     import contextlib
+    import gc
     import io
     import logging
+    import random
     import subprocess
+
+    import torch
 
     if process:
         result = subprocess.run([sys.executable, "-m", "tinyseg", *args], capture_output=True, text=True,
@@ -82,6 +86,8 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, process: bool 
         handler = logging.StreamHandler(err)
         handler.setFormatter(logging.Formatter("%(message)s"))
         saved = (logger.level, logger.propagate, os.getcwd())
+        # a command seeds the global RNGs (training does): later tests must not depend on which ran before
+        rng = (torch.get_rng_state(), random.getstate(), torch.get_num_threads())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False  # pytest's own handlers would print it a second time
@@ -91,12 +97,16 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, process: bool 
                 try:
                     code = main(list(args))
                 except SystemExit as error:  # argparse: usage errors and --help
-                    code = error.code if isinstance(error.code, int) else 1
+                    code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
         finally:
             logger.removeHandler(handler)
             logger.setLevel(saved[0])
             logger.propagate = saved[1]
             os.chdir(saved[2])
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+            torch.set_num_threads(rng[2])
+            gc.collect()  # a trainer's loader workers end with it, not at some later test
         result = subprocess.CompletedProcess(["tinyseg", *args], code, out.getvalue(), err.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"tinyseg {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

@@ -125,22 +125,30 @@ def test_flipped_copies_mirror_the_plain_copies(shapes):
         assert torch.equal(again, plain)
 
 
-def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where, workers", [("after_step", 0), ("inside_step", 1)])
+def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch, where, workers):
+    """Ctrl-C right after step 1, or inside step 2 before its optimizer step (that batch then runs again), with
+    the loader in-process or in a persistent worker (whose first iterator takes a draw from the global RNG)."""
     # 8 images in batches of 2: 4 steps per epoch; the interruption falls after step 1 of 2.
     settings = ("input.copy_paste_prob=1.0", "solver.max_iters=2", "solver.warmup_iters=1", "input.min_size=[64]",
-                "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false")
+                "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false",
+                f"data.num_workers={workers}")
     Trainer(tiny_config(shapes, tmp_path / "straight", *settings)).fit()
 
     config = tiny_config(shapes, tmp_path / "resumed", *settings)
     interrupted = Trainer(config)
-    log_step = interrupted._log_step
+    hooked = "_log_step" if where == "after_step" else "_optimizer_step"
+    original = getattr(interrupted, hooked)
 
-    def stop_after_one(*args):
-        log_step(*args)
+    def stop_at_step_two(*args):
+        if where == "after_step":
+            original(*args)
         if interrupted.iteration == 1:
             raise KeyboardInterrupt
+        if where == "inside_step":
+            original(*args)
 
-    monkeypatch.setattr(interrupted, "_log_step", stop_after_one)
+    monkeypatch.setattr(interrupted, hooked, stop_at_step_two)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch_step"] == 1  # mid-epoch

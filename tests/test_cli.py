@@ -37,14 +37,19 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
     data = json.loads(shapes["train"].read_text())
     data["annotations"][0]["category_id"] = 99
     bad.write_text(json.dumps(data))
+    # through the real entry point (`python -m tinyseg`): its exit code and stderr, not only main()'s
     result = run_cli("train", "--config", "demo", "--train-json", str(bad), "--image-dir", str(shapes["images"]),
-                     "--output-dir", str(tmp_path / "run"), check=False)
+                     "--output-dir", str(tmp_path / "run"), check=False, process=True)
     assert result.returncode == 1  # bad data: 1; a bad command line or config: 2
     assert "unknown category_id 99" in result.stderr and str(bad) in result.stderr
     assert "Traceback" not in result.stderr
 
     result = run_cli("train", "--config", "demo", "solver.lrr=1", check=False)
     assert result.returncode == 2 and "did you mean 'lr'" in result.stderr
+
+    result = run_cli("predict", "--checkpoint", str(tmp_path / "none.pt"), "--image-dir", str(shapes["images"]),
+                     "--output", str(tmp_path / "x.json"), "--device", "tpu9", check=False)
+    assert result.returncode == 2 and "device 'tpu9' is not a device name" in result.stderr
 
 
 def test_check_data_reports_and_exits(shapes, tmp_path):

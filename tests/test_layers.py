@@ -29,12 +29,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path, known: set[str], name: str = "") -> set[str]:
-    """The tinyseg modules a file imports, anywhere in it (`from .x import y` counts y when it is a module)."""
+def imported_modules(path: Path, known: set[str], name: str = "", top_level_only: bool = False) -> set[str]:
+    """The tinyseg modules a file imports, anywhere in it (`from .x import y` counts y when it is a module;
+    `from tinyseg import Predictor` counts tinyseg.api, which serves it lazily)."""
     name = name or module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (tree.body if top_level_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -42,7 +44,9 @@ def imported_modules(path: Path, known: set[str], name: str = "") -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known
+                       else "tinyseg.api" if base == "tinyseg" and alias.name != "__version__" else base
+                       for alias in node.names]
         else:
             continue
         found.update(target for target in targets if target in known and target != name)
@@ -55,8 +59,9 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> int:
-    best = max((unit for layer in LAYERS for unit in layer if module == unit or module.startswith(unit + ".")),
-               key=len, default=None)
+    # the root package is its own unit (its __init__ only); every other module belongs to a listed part
+    best = max((unit for layer in LAYERS for unit in layer
+                if module == unit or (unit != "tinyseg" and module.startswith(unit + "."))), key=len, default=None)
     assert best is not None, f"{module} is in no layer: add it to LAYERS"
     return next(index for index, layer in enumerate(LAYERS) if best in layer)
 
@@ -111,6 +116,25 @@ def test_no_modules_import_each_other_in_a_circle():
     assert circles(import_graph()) == []
 
 
+def test_the_allowed_upward_import_is_lazy_and_no_import_hides_from_the_walk():
+    for importer, imported in ALLOWED:
+        path = PACKAGE / "__init__.py" if importer == "tinyseg" else None
+        assert imported not in imported_modules(path, {imported}, importer, top_level_only=True)
+    # imports by name at run time would be invisible to the walk above
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                assert called not in ("import_module", "__import__"), f"{path}:{node.lineno}"
+
+
+def test_a_new_module_outside_every_listed_part_has_no_layer():
+    import pytest
+
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("tinyseg.newthing")
+
+
 def test_the_checks_catch_an_upward_import_and_a_circle():
     # what the package had before this layering: the checkpoint reading data/, cli <-> commands
     graph = {"tinyseg.runtime.checkpoint": {"tinyseg.data.coco"}, "tinyseg.data.coco": set(),
@@ -125,3 +149,5 @@ def test_imports_inside_functions_count(tmp_path):
     source.write_text("def late():\n    from ..training import trainer\n")
     known = {"tinyseg.training.trainer", "tinyseg.training", "tinyseg.runtime.probe"}
     assert imported_modules(source, known, "tinyseg.runtime.probe") == {"tinyseg.training.trainer"}
+    source.write_text("def late():\n    from tinyseg import train, __version__\n")
+    assert imported_modules(source, known | {"tinyseg", "tinyseg.api"}, "tinyseg.runtime.probe") == {"tinyseg", "tinyseg.api"}

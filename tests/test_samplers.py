@@ -1,4 +1,11 @@
+import torch
+
 from tinyseg.data.samplers import TrainBatchSampler, repeat_factors
+
+
+class IndexOfKey(torch.utils.data.Dataset):
+    def __getitem__(self, key):
+        return key[0]
 
 
 def indices(batches):
@@ -34,6 +41,9 @@ def test_new_order_each_epoch_and_epoch_tag():
     assert {e for b in second for _, e in b} == {1}
     sampler.skip_batches = 3
     assert indices(list(iter(sampler))) == indices(second)[3:]
+    # a DataLoader with workers iterates its batch sampler twice when it starts: both must skip
+    loader = torch.utils.data.DataLoader(IndexOfKey(), batch_sampler=sampler, num_workers=1, collate_fn=list)
+    assert list(loader) == indices(second)[3:]
 
 
 def test_repeat_factors_favour_rare_classes():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, load_config
+from .config import Config, TrainConfig, load_config
 from .data.images import load_rgb, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -43,7 +43,7 @@ class Predictor:
             (tta: horizontal flip plus `predict.tta_scales`, merged by NMS with mask voting).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", score_thresh: float | None = None,
+    def __init__(self, checkpoint: str | Path, device: str = TrainConfig.device, score_thresh: float | None = None,
                  mask_thresh: float | None = None, max_detections: int | None = None, tta: bool | None = None):
         from .inference.predictor import load_model
 
@@ -138,13 +138,13 @@ def cross_validate(config: Config | str | None = None, overrides: list[str] | No
 
 def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, checkpoint: str | Path | None = None,
              image_dir: str | Path | None = None, iou_types: Sequence[str] = ("segm", "bbox"),
-             device: str = "auto", allow_subset: bool = False, ci_resamples: int | None = None,
+             device: str = TrainConfig.device, allow_subset: bool = False, ci_resamples: int | None = None,
              ci_level: float | None = None, ci_seed: int | None = None) -> dict[str, Any]:
     """COCO AP like `tinyseg evaluate`: of a detections file/list, or of a checkpoint's predictions on image_dir.
 
     Returns per IoU type {"stats": {"AP", "AP50", ...}, "summary": [12 lines], "per_class_AP50": {...}}, and
     "ci" (bootstrap intervals over images for AP, AP50, per-class AP50) unless ci_resamples=0; the ci_ settings
-    default to the config's `eval` section.
+    default to the config's `eval` section. Under torchrun, with a checkpoint, ranks other than 0 get None.
     """
     from .config import EvalConfig
     from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, read_detections, score
@@ -158,7 +158,7 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
     if checkpoint is not None:
         if image_dir is None:
             raise ValueError("checkpoint needs image_dir")
-        job = PredictJob(str(checkpoint), str(image_dir), str(gt), device, num_workers=0, progress=False)
+        job = PredictJob(str(checkpoint), str(image_dir), device=device, num_workers=0, progress=False)
         return evaluate_checkpoint(job, truth, tuple(iou_types), allow_subset, **ci)[1]
     if isinstance(detections, (str, Path)):
         detections = read_detections(str(detections))

@@ -7,7 +7,6 @@ import logging
 import sys
 
 
-
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
     from .config import DataConfig, PredictConfig, TrainConfig
 
@@ -167,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --devices N` relaunches with it
     if args.version:
         from . import __version__
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,19 +17,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: printed as one clear message, never as a traceback."""
     from .config import ConfigError
     from .data.coco import DatasetError
-    from .runtime.checkpoint import CheckpointError
-    from .training.trainer import NonFiniteLossError
     from .model.weights import BackboneWeightsError
+    from .runtime.checkpoint import CheckpointError
+    from .runtime.precision import DeviceError
+    from .training.trainer import NonFiniteLossError
 
     return (ConfigError, DatasetError, CheckpointError, BackboneWeightsError, NonFiniteLossError,
-            FileNotFoundError, UsageError)
+            FileNotFoundError, NotADirectoryError, UsageError, DeviceError)
 
 
 def error_exit_code(error: BaseException) -> int:
     """1 for bad data (a file, an entry, a field), 2 for a command line or config that cannot be used."""
     from .data.coco import DatasetError
 
-    return 1 if isinstance(error, (DatasetError, FileNotFoundError)) else 2
+    return 1 if isinstance(error, (DatasetError, FileNotFoundError, NotADirectoryError)) else 2
 
 
 class UsageError(ValueError):
@@ -61,12 +63,31 @@ def train_config(args: argparse.Namespace):
     return load_config(args.config, given + list(args.overrides))
 
 
+def launch_torchrun(argv: list[str], devices: int) -> int:
+    """`tinyseg train --devices N ...` is `torchrun --nproc_per_node=N -m tinyseg train ...`."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--devices":
+            skip = True
+            continue
+        if item.startswith("--devices="):
+            continue
+        rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "tinyseg", *rest]
+    log.info("launching: %s", " ".join(command))
+    return subprocess.call(command)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runtime.distributed import launch_torchrun, launched_by_torchrun
+    from .runtime.distributed import launched_by_torchrun
     from .training.trainer import train
 
     if args.devices > 1 and not launched_by_torchrun():
-        return launch_torchrun(sys.argv[1:], args.devices)
+        return launch_torchrun(args.argv, args.devices)
     config = train_config(args)
     if config.data.folds:
         from .training.cross_validation import cross_validate
@@ -101,8 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.onnx:
         found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh, args.mask_thresh)
     else:
-        job = PredictJob(args.checkpoint, args.image_dir, args.images_json, args.device, _predict_overrides(args),
-                         args.workers, amp=args.amp)
+        job = PredictJob(args.checkpoint, args.image_dir, args.images_json, device=args.device,
+                         predict_overrides=_predict_overrides(args), num_workers=args.workers, amp=args.amp)
         found, entries = predict_checkpoint(job)
     if not dist.is_main():
         return 0
@@ -136,12 +157,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         image_dir = args.image_dir or gt.image_dir
         if not image_dir:
             raise UsageError("--checkpoint needs --image-dir (the images of a COCO --gt)")
-        job = PredictJob(args.checkpoint, image_dir, args.gt, args.device, _predict_overrides(args), args.workers,
-                         amp=args.amp)
-        found, results = evaluate_checkpoint(job, gt, iou_types, args.allow_subset, **ci)
+        job = PredictJob(args.checkpoint, image_dir, device=args.device, predict_overrides=_predict_overrides(args),
+                         num_workers=args.workers, amp=args.amp)
+        detections_file = Path(args.output or "evaluation.json").with_suffix(".detections.json")
+        _, results = evaluate_checkpoint(job, gt, iou_types, args.allow_subset,
+                                         keep=lambda found: write_submission(detections_file, found.results), **ci)
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
-        write_submission(Path(args.output or "evaluation.json").with_suffix(".detections.json"), found.results)
     else:
         results = score(gt, read_detections(args.detections), iou_types, args.allow_subset, **ci)
     print(format_report(results))

@@ -29,6 +29,15 @@ from ..config import InputConfig
 from .dataset import finalize_target
 
 BatchOp = Callable[[list, list, torch.Generator], tuple[list, list]]
+BATCH_AUGMENTATION, MODEL = 0, 1  # the streams batch_seed keeps apart
+
+
+def batch_seed(seed: int, epoch: int, batch_index: int, rank: int, stream: int) -> int:
+    """One well-spread seed from the batch's coordinates (numpy's SeedSequence mixes them; negative config
+    seeds wrap around). Seeding from these instead of carrying a generator's state along makes every batch's
+    draws independent of what ran before it: a resume anywhere, and each DDP rank, repeat them exactly."""
+    keys = [seed % 2**64, epoch, batch_index, rank, stream]
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
 
 
 class SampleTransform:
@@ -118,9 +127,7 @@ class BatchTransform:
         self.rank = rank
 
     def generator(self, epoch: int, batch_index: int) -> torch.Generator:
-        # SeedSequence mixes the four keys into one well-spread seed; negative config seeds wrap around.
-        keys = [self.seed % 2**64, epoch, batch_index, self.rank]
-        return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
+        return torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch_index, self.rank, BATCH_AUGMENTATION))
 
     def __call__(self, images, targets, epoch: int, batch_index: int) -> tuple[list, list]:
         images, targets = list(images), list(targets)

@@ -29,8 +29,9 @@ class InstanceDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.image_dir = Path(image_dir)
         self.categories = categories
-        # (image, target, copy index) -> (image, target), e.g. augment.SampleTransform: the copy index
-        # lets it treat the copies of one image differently (flipped copies).
+        # (image, target, copy index) -> (image, target), e.g. augment.SampleTransform (a plain v2.Compose
+        # takes no copy index: wrap it in SampleTransform). The copy index lets it treat the copies of one
+        # image differently (flipped copies).
         self.transforms = transforms
         self.copies = max(1, copies)
         self.max_pixels = max_pixels

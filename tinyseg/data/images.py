@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config import DataConfig
 from .coco import DatasetError, ImageRecord, Problem, is_safe_relative
 
 # Pillow's own bomb guard would raise a DecompressionBombError with no file context; we check
 # pixel counts ourselves against the configured limit instead.
 Image.MAX_IMAGE_PIXELS = None
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
 
 
 # path -> ((mtime_ns, size), signature): check_image fills it while it has the image open, so the

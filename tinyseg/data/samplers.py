@@ -37,7 +37,10 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.world_size = world_size
         self.factors = factors
         self.epoch = 0
-        self.skip_batches = 0  # set on a mid-epoch resume
+        # batches to leave out at the start of this epoch (a mid-epoch resume); the trainer sets it every
+        # epoch. Not cleared by __iter__: a DataLoader with workers calls __iter__ twice on its first iterator
+        # (torch's _BaseDataLoaderIter.__init__, then _reset), and the second call must skip too.
+        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -71,8 +74,7 @@ class TrainBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         batches = self._batches()
-        skip, self.skip_batches = self.skip_batches, 0
-        return iter([[(index, self.epoch) for index in batch] for batch in batches[skip:]])
+        return iter([[(index, self.epoch) for index in batch] for batch in batches[self.skip_batches:]])
 
     def __len__(self) -> int:
         return len(self._indices()) // self.batch_size

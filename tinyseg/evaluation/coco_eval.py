@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import PredictConfig
 from ..data.coco import DatasetError
 
 IOU_TYPES = ("bbox", "segm")
@@ -206,7 +207,8 @@ def _pr_curves(evaluator, gt: dict[str, Any]) -> dict[str, Any]:
     return {"recall": [float(r) for r in evaluator.params.recThrs], "precision": curves}
 
 
-def image_f1(gt: dict[str, Any], detections: list[dict], score_thresh: float = 0.5, iou: float = 0.5) -> dict[int, float]:
+def image_f1(gt: dict[str, Any], detections: list[dict], score_thresh: float = PredictConfig.overlay_score_thresh,
+             iou: float = 0.5) -> dict[int, float]:
     """Per image, F1 of mask matches at IoU >= iou among detections scoring >= score_thresh (crowds ignored).
 
     A plain, readable per-image quality for finding the worst images; COCO AP stays the metric.

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import PredictConfig
 
-def confusion_matrix(gt: dict[str, Any], detections: list[dict], score_thresh: float = 0.5,
+
+def confusion_matrix(gt: dict[str, Any], detections: list[dict], score_thresh: float = PredictConfig.overlay_score_thresh,
                      iou_thresh: float = 0.5) -> tuple[np.ndarray, list[str]]:
     """(K+1) x (K+1) counts over the images of `gt`, and the K+1 row/column names (categories by id, then
     'background').

@@ -9,12 +9,13 @@ inference/overlays.py) from the returned results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..config import PredictConfig
+from ..config import DataConfig, PredictConfig, TrainConfig
 from ..data.coco import CategoryMap, CocoData, DatasetError
 from ..data.dataset import ImageListDataset
 from ..data.formats import load_dataset, resolve_format, val_split
@@ -33,10 +34,11 @@ class PredictJob:
 
     checkpoint: str
     image_dir: str
-    images_json: str = ""
-    device: str = "auto"
+    images_json: str = ""  # the ids and file names to predict; "" = every image in image_dir, numbered 1..N
+    _: KW_ONLY
+    device: str = TrainConfig.device
     predict_overrides: dict | None = None  # PredictConfig fields; None values keep the run's setting
-    num_workers: int = 2
+    num_workers: int = DataConfig.num_workers
     progress: bool = True
     amp: str | None = None  # auto | none | bf16 | fp16; None = the run's train.amp
 
@@ -47,12 +49,11 @@ def load_ground_truth(gt_json: str, fmt: str = "auto", require_annotations: bool
     return load_dataset(gt_json, require_annotations, fmt=fmt, split=val_split(gt_json, fmt))
 
 
-def image_entries(image_dir: str, images_json: str, categories: CategoryMap,
-                  fmt: str = "auto", data: CocoData | None = None) -> list[tuple[int, str]]:
-    """(image_id, file_name) pairs: from the images JSON (or labels in another format; `data` when already
-    loaded), or every image in the folder numbered 1..N."""
-    if images_json or data is not None:
-        data = data or load_ground_truth(images_json, fmt, require_annotations=False)
+def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
+    """(image_id, file_name) pairs: from the images JSON (or labels in another format: data/formats), or
+    every image in the folder numbered 1..N."""
+    if images_json:
+        data = load_ground_truth(images_json, require_annotations=False)
         if data.categories.category_ids:
             categories.check_same(data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
@@ -95,13 +96,19 @@ def predict_and_score(model: torch.nn.Module, categories: CategoryMap, device: t
                       predict: PredictConfig, gt: CocoData | dict, image_dir: str | Path,
                       iou_types: tuple[str, ...] = ("segm", "bbox"), allow_subset: bool = False,
                       max_pixels: int = DEFAULT_MAX_PIXELS, num_workers: int = 0, progress: bool = True,
-                      **ci) -> tuple[Predictions, dict | None]:
-    """Predict gt's images and score them (rank 0 scores; other ranks get None as the results)."""
+                      keep: Callable[[Predictions], None] | None = None, **ci) -> tuple[Predictions, dict | None]:
+    """Predict gt's images and score them (rank 0 scores; other ranks get None as the results).
+
+    keep: called on rank 0 with the predictions before they are scored (a writer: what took long to predict
+    is on disk before scoring can fail or be interrupted).
+    """
     coco = gt.to_coco_dict() if isinstance(gt, CocoData) else gt
     entries = [(image["id"], image["file_name"]) for image in coco["images"]]
     found = predict_entries(model, categories, device, predict, entries, image_dir, max_pixels, num_workers, progress)
     if not dist.is_main():
         return found, None
+    if keep is not None:
+        keep(found)
     return found, score(coco, found.results, iou_types, allow_subset, **ci)
 
 
@@ -121,14 +128,15 @@ def predict_checkpoint(job: PredictJob) -> tuple[Predictions, list[tuple[int, st
 
 
 def evaluate_checkpoint(job: PredictJob, gt: CocoData, iou_types: tuple[str, ...] = ("segm", "bbox"),
-                        allow_subset: bool = False, **ci) -> tuple[Predictions, dict | None]:
+                        allow_subset: bool = False, keep: Callable[[Predictions], None] | None = None,
+                        **ci) -> tuple[Predictions, dict | None]:
     """`tinyseg evaluate --checkpoint`: predict gt's images (in job.image_dir) and score them."""
     loaded = load_job_model(job)
     if gt.categories.category_ids:
-        loaded.categories.check_same(gt.categories, job.checkpoint, job.images_json or "the ground truth")
+        loaded.categories.check_same(gt.categories, job.checkpoint, gt.path)
     return predict_and_score(loaded.model, loaded.categories, loaded.device, loaded.config.predict, gt,
                              job.image_dir, iou_types, allow_subset, loaded.config.data.max_image_pixels,
-                             job.num_workers, job.progress, **ci)
+                             job.num_workers, job.progress, keep, **ci)
 
 
 def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_thresh: float | None = None,

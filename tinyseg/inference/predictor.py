@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, PredictConfig, config_from_dict
+from ..config import Config, PredictConfig, TrainConfig, config_from_dict
 from ..data.coco import CategoryMap
 from ..data.dataset import ImageListDataset, collate
 from ..runtime.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(checkpoint: str, device: str = "auto", predict_overrides: dict | None = None,
+def load_model(checkpoint: str, device: str = TrainConfig.device, predict_overrides: dict | None = None,
                amp: str | None = None) -> LoadedModel:
     """A model ready for inference from a tinyseg checkpoint (EMA weights when the run kept them).
 
@@ -95,7 +95,7 @@ class Predictions:
 
 @torch.no_grad()
 def predict_images(model: nn.Module, dataset: ImageListDataset, categories: CategoryMap, device: torch.device,
-                   mask_thresh: float, batch_size: int = 2, num_workers: int = 0, indices: list[int] | None = None,
+                   mask_thresh: float, batch_size: int = PredictConfig.batch_size, num_workers: int = 0, indices: list[int] | None = None,
                    progress: bool = True, tta: PredictConfig | None = None, paste_full: bool = False) -> Predictions:
     """Detections for the dataset's images (or a subset); unreadable images are reported, not fatal.
 

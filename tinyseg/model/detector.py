@@ -169,7 +169,7 @@ class DropoutMLPHead(InferenceAmp, nn.Module):
         return self.dropout(torch.relu(self.fc7(x)))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, load_weights: bool = True, test: InputConfig | None = None,
+def build_model(cfg: ModelConfig, num_classes: int, *, load_weights: bool = True, test: InputConfig | None = None,
                 predict: PredictConfig | None = None) -> MaskRCNN:
     """A Mask R-CNN whose class count (background included) comes from the data.
 

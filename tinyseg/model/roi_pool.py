@@ -1,7 +1,7 @@
 """Multi-scale RoIAlign that uses more than one CPU core.
 
-torchvision's CPU roi_align kernel runs on one thread. With 1,000 proposals per image it took 30% of
-R50-FPN inference time on 2 cores (benchmarks/README.md), while the other core idled. The kernel
+torchvision's CPU roi_align kernel runs on one thread: with 1,000 proposals per image a large share of
+inference time (benchmarks/README.md, "Each speed-up alone"), while the other cores idle. The kernel
 releases the GIL, so the RoIs are split into chunks pooled on parallel Python threads.
 """
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import subprocess
-import sys
 
 import torch
 import torch.distributed as dist
@@ -73,22 +71,3 @@ def reduce_mean(values: dict[str, float], device: torch.device | str = "cpu") ->
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return {k: v / world_size() for k, v in zip(keys, tensor.tolist())}
-
-
-def launch_torchrun(argv: list[str], devices: int) -> int:
-    """`tinyseg train --devices N ...` is `torchrun --nproc_per_node=N -m tinyseg train ...`."""
-    rest, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item == "--devices":
-            skip = True
-            continue
-        if item.startswith("--devices="):
-            continue
-        rest.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "tinyseg", *rest]
-    logging.getLogger("tinyseg").info("launching: %s", " ".join(command))
-    return subprocess.call(command, env=os.environ.copy())

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 
-
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, tracker=None):
         """enabled: this process writes (rank 0). tracker: also gets every record, and the run's end (its

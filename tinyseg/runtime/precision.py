@@ -5,12 +5,19 @@ from __future__ import annotations
 import torch
 
 
+class DeviceError(ValueError):
+    """A device or precision this machine does not have (a usage error: the CLI exits 2, no traceback)."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise DeviceError(f"device '{name}' is not a device name (auto, cpu, cuda, cuda:N): {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available here; use device=cpu or auto")
+        raise DeviceError(f"device {name} asked for, but CUDA is not available here; use cpu or auto")
     return device
 
 
@@ -27,7 +34,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "fp16":
         if device.type != "cuda":
-            raise RuntimeError("train.amp=fp16 needs CUDA; on CPU use bf16 or none")
+            raise DeviceError("amp fp16 needs CUDA; on a CPU use bf16 or none")
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

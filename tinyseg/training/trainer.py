@@ -21,6 +21,7 @@ from ..data.dataset import InstanceDataset, collate
 from ..data.samplers import TrainBatchSampler, repeat_factors
 from ..inference.jobs import predict_and_score
 from ..model import apply_inference_settings, build_model, set_precision
+from ..model.backbones import check_backbone
 from ..runtime import distributed as dist
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.files import atomic_write_text, write_json
@@ -44,8 +45,10 @@ class Trainer:
         self.main = dist.is_main()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.epoch, self.iteration, self.epoch_step = 0, 0, 0
+        self.completed_epoch_step = 0  # epoch_step at the last optimizer step: where a resume after Ctrl-C goes on
         self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
         self.started: float | None = None  # when fit() began; the budgeted schedule reads it
+        check_backbone(cfg.model)  # a typo in the name is told before minutes of data checks
         self.data: TrainingData = build_training_data(cfg)  # every check before the first step
         self._build_model()
         self._build_loader()
@@ -162,6 +165,8 @@ class Trainer:
                 if not finished:
                     break
         except KeyboardInterrupt:
+            # A batch interrupted before its optimizer step is run again on resume, not skipped.
+            self.epoch_step = min(self.epoch_step, self.completed_epoch_step)
             self._write_checkpoints(None)
             log.warning("interrupted: saved a resumable checkpoint to %s (continue with --resume)",
                         self.run_dir / "last.pt")
@@ -205,27 +210,23 @@ class Trainer:
         self.model.train()
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip_batches = self.epoch_step
-        # Model-side randomness (RoI sampling) restarts from (seed, epoch); augmentation is seeded per sample
-        # in the dataset and per batch in the batch transform. A run resumed mid-epoch instead continues
-        # from the checkpoint's RNG state, put back after the loader's iterator has taken its own draw
-        # from it. So a resumed run repeats every draw exactly.
-        resumed_rng = torch.get_rng_state() if self.epoch_step else None
-        if resumed_rng is None:
-            torch.manual_seed(c.train.seed * 1000 + self.epoch)
+        # Every draw is seeded from where it happens, never from what ran before: augmentation per sample
+        # (the dataset) and per batch (the batch transform), the model's own (RoI sampling) per batch below.
+        # So a resume at any step, and each DDP rank, repeats every draw exactly.
+        self.completed_epoch_step = self.epoch_step
         network = self.ddp or self.model
         accumulate = c.solver.accumulate
         # Micro-batches past the last whole optimizer step are not run: their gradients would otherwise
         # be added into the next epoch's first step, which would then see more samples than the others.
         usable = self.steps_per_epoch * accumulate
-        batches = iter(self.loader)
-        if resumed_rng is not None:
-            torch.set_rng_state(resumed_rng)
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
                    initial=self.epoch_step, total=usable, dynamic_ncols=True)
         for images, targets in bar:
             if self.epoch_step >= usable:
                 break
             images, targets = self.augmentation.batch(images, targets, self.epoch, self.epoch_step)
+            seed = augment.batch_seed(c.train.seed, self.epoch, self.epoch_step, dist.rank(), augment.MODEL)
+            torch.manual_seed(seed)
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             self.epoch_step += 1
@@ -272,6 +273,7 @@ class Trainer:
         self.iteration += 1
         if self.ema is not None:
             self.ema.update(self.model)
+        self.completed_epoch_step = self.epoch_step
 
     def _log_step(self, bar: tqdm, losses: dict) -> None:
         values = {k: v.item() for k, v in losses.items()}
@@ -337,14 +339,14 @@ def evaluate_model(model: torch.nn.Module, data: TrainingData, cfg: Config, devi
     scores (other ranks get None) and writes the latest evaluation in full for the report."""
     apply_inference_settings(model, cfg.input, cfg.predict)
     e = cfg.eval
-    found, results = predict_and_score(model, data.categories, device, cfg.predict, data.val_gt, data.val_image_dir,
-                                       max_pixels=cfg.data.max_image_pixels, num_workers=cfg.data.num_workers,
-                                       ci_resamples=e.ci_resamples, ci_level=e.ci_level, ci_seed=e.ci_seed)
+    keep = (lambda found: write_json(run_dir / "val_detections.json", found.results)) if run_dir else None
+    _, results = predict_and_score(model, data.categories, device, cfg.predict, data.val_gt, data.val_image_dir,
+                                   max_pixels=cfg.data.max_image_pixels, keep=keep, ci_resamples=e.ci_resamples,
+                                   ci_level=e.ci_level, ci_seed=e.ci_seed)
     if results is None:
         return None
     if run_dir is not None:
         write_json(run_dir / "val_results.json", results)
-        write_json(run_dir / "val_detections.json", found.results)
     return {f"{kind}_{name}": value for kind in ("segm", "bbox") for name, value in results[kind]["stats"].items()}
 
 
