@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ def test_real_sample_polygons_match_pycocotools_and_areas():
         for annotation in record.annotations:
             rle = segmentation_to_rle(annotation["segmentation"], record.height, record.width)
             reference = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], record.height, record.width))
-            assert np.array_equal(mask_utils.decode(rle), mask_utils.decode(reference))
+            ours, theirs = decode_masks([rle, reference], record.height, record.width)
+            assert np.array_equal(ours, theirs)
             # The file's areas were computed from the same polygons: they agree to the pixel.
             assert abs(float(mask_utils.area(rle)) - annotation["area"]) <= 0.01 * annotation["area"] + 2
             multi_part += len(annotation["segmentation"]) > 1
@@ -194,3 +196,16 @@ def test_categories_without_instances_are_listed(tmp_path):
 
     report, usable = check_dataset(str(path), str(tmp_path), 10**8)
     assert "1 warning" in report and "4 ghost" in report
+
+
+def test_masks_decode_when_warnings_raise():
+    """pycocotools' decode goes through numpy 2's deprecated __array__ retry: a warning that raises there
+    (warnings as errors, or a Ctrl-C arriving while it is emitted) broke training with a TypeError."""
+    mask = np.zeros((12, 9), dtype=np.uint8)
+    mask[3:8, 2:6] = 1
+    rle = segmentation_to_rle({"size": [12, 9], "counts": mask_utils.encode(np.asfortranarray(mask))["counts"].decode()},
+                              12, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_masks([rle, rle], 12, 9)
+    assert decoded.shape == (2, 12, 9) and np.array_equal(decoded[1], mask)

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from tinyseg.data.coco import DatasetError, segmentation_to_rle
+from tinyseg.data.coco import DatasetError, decode_masks, segmentation_to_rle
 from tinyseg.data.formats import detect_format, inspect_dataset, load_dataset, to_coco
 from tinyseg.data.formats.yolo_export import coco_to_yolo
 
@@ -22,8 +22,8 @@ from conftest import TINY, needs_shared, run_cli
 def masks_by_image(data, crowd=False):
     """{image file's base name: [(category name, mask), ...]} in annotation order."""
     names = dict(zip(data.categories.category_ids, data.categories.names))
-    return {Path(r.file_name).name: [(names[a["category_id"]], mask_utils.decode(
-        segmentation_to_rle(a["segmentation"], r.height, r.width)).astype(bool))
+    return {Path(r.file_name).name: [(names[a["category_id"]], decode_masks(
+        [segmentation_to_rle(a["segmentation"], r.height, r.width)], r.height, r.width)[0].astype(bool))
         for a in r.annotations if bool(a["iscrowd"]) == crowd] for r in data.images}
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import decodes_with_pycocotools
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -95,6 +97,7 @@ def test_without_a_gpu_or_data_the_real_check_says_why(tmp_path):
     assert result.returncode == 2 and "unknown argument --no-such-option" in result.stderr
 
 
+@decodes_with_pycocotools  # the reference loop reads masks as the tutorial scripts do
 def test_reference_loop_trains_and_predicts_under_autocast(shapes, tmp_path):
     """--reference-amp: the tutorial loop with AMP, as torchvision's reference scripts run it."""
     import reference_loop as reference

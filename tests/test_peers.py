@@ -33,7 +33,7 @@ def peer():
 def _gt_as_results(gt_path: str, category_ids: list[int]) -> list:
     """Each val image's ground truth as an Ultralytics Results, the way predict(retina_masks=True) gives it."""
     import torch
-    from pycocotools.coco import COCO
+    from faster_coco_eval import COCO  # not pycocotools: its decode warns under numpy 2 (an error here)
     from ultralytics.engine.results import Results
 
     coco = COCO(gt_path)

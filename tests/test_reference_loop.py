@@ -16,6 +16,7 @@ from tinyseg.model import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reference_loop as reference  # noqa: E402
+from conftest import decodes_with_pycocotools  # noqa: E402
 
 
 def tiny_reference_model(num_classes: int) -> torch.nn.Module:
@@ -28,6 +29,7 @@ def tiny_reference_model(num_classes: int) -> torch.nn.Module:
     return model
 
 
+@decodes_with_pycocotools  # as the tutorial scripts / the grader do
 def test_reference_loop_trains_and_writes_a_valid_submission(shapes, tmp_path):
     dataset = reference.TutorialDataset(str(shapes["train"]), str(shapes["images"]))
     assert dataset.category_to_label == {3: 1, 7: 2, 12: 3}  # contiguous labels inside, as tinyseg's

@@ -10,6 +10,8 @@ from tinyseg.runtime.checkpoint import CheckpointError
 from tinyseg.inference.jobs import PredictJob, predict_checkpoint
 from tinyseg.inference.submission import validate_submission, write_submission
 
+from conftest import decodes_with_pycocotools
+
 
 @pytest.fixture(scope="module")
 def submission(trained_run, tmp_path_factory):
@@ -21,6 +23,7 @@ def submission(trained_run, tmp_path_factory):
     return out
 
 
+@decodes_with_pycocotools  # as the tutorial scripts / the grader do
 def test_format_and_category_ids_round_trip(trained_run, submission):
     entries = json.loads(submission.read_text())
     assert entries

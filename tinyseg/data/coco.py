@@ -371,9 +371,14 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
 
 
 def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
-    """(N, H, W) uint8 masks from compressed RLEs, decoded in one pycocotools call."""
-    from pycocotools import mask as mask_utils
+    """(N, H, W) uint8 masks from compressed RLEs, decoded in one call.
+
+    faster-coco-eval decodes rather than pycocotools: under numpy 2 every pycocotools decode fails once
+    inside numpy and is retried after a DeprecationWarning, and an exception raised while that warning
+    is emitted (a Ctrl-C arriving then, or warnings as errors) surfaces as a TypeError instead.
+    """
+    from faster_coco_eval.core import mask as rle_codec
 
     if not rles:
         return np.zeros((0, height, width), dtype=np.uint8)
-    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+    return np.ascontiguousarray(rle_codec.decode(rles).transpose(2, 0, 1))
