@@ -5,7 +5,9 @@
         --budget-min 20 --json out.json [key=value ...]
 
 Without --val-json the val split is cut from --train-json by tinyseg's leak-free splitter
-(data.val_fraction, data.split_seed), as `tinyseg train` does.
+(data.val_fraction, data.split_seed), as `tinyseg train` does. With --folds K (and no --val-json) the
+preset is cross-validated instead: K runs of --budget-min each, every one scored on the fold it did not
+train on; the result holds each fold's scores and their mean and spread (tinyseg train --folds).
 
 The budget covers training only; the cosine schedule decays to zero as the budget runs out, then the
 model is evaluated once on the val split. The checkpoint stays in the run directory (--run-dir).
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from machine_info import commit, machine, write_result  # noqa: E402  (one result writer for every benchmark)
 from tinyseg.config import load_config  # noqa: E402
+from tinyseg.training.cross_validation import cross_validate  # noqa: E402
 from tinyseg.training.trainer import train  # noqa: E402
 
 
@@ -35,7 +38,8 @@ def main() -> int:
     parser.add_argument("--val-json", default="",
                         help="default: split data.val_fraction of --train-json off, duplicate-aware (no leaks)")
     parser.add_argument("--image-dir", required=True)
-    parser.add_argument("--budget-min", type=float, required=True)
+    parser.add_argument("--budget-min", type=float, required=True, help="per run (per fold with --folds)")
+    parser.add_argument("--folds", type=int, default=0, help="cross-validate over K folds of --train-json")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--run-dir", help="default: runs/recipe-PRESET-<time>")
     parser.add_argument("overrides", nargs="*")
@@ -46,7 +50,17 @@ def main() -> int:
     config = load_config(args.preset, [
         f"data.train_json={args.train_json}", *([f"data.val_json={args.val_json}"] if args.val_json else []), f"data.image_dir={args.image_dir}",
         f"train.output_dir={run_dir}", f"train.max_time_min={args.budget_min}", "train.eval_every=0",
-        *args.overrides])
+        *([f"data.folds={args.folds}"] if args.folds else []), *args.overrides])
+    if args.folds:
+        summary = cross_validate(config)
+        result = {"preset": args.preset, "dataset": Path(args.train_json).parent.name, "folds": args.folds,
+                  "budget_s_per_fold": args.budget_min * 60, "overrides": args.overrides, "run_dir": run_dir,
+                  **{k: summary[k] for k in ("mean", "std", "min", "max", "split_seed")},
+                  "per_fold": [{k: v for k, v in fold.items() if k != "val_image_ids"} for fold in summary["per_fold"]],
+                  "machine": machine(), "commit": commit()}
+        print(json.dumps(result, indent=2))
+        write_result(args.json, result)
+        return 0
     summary = train(config)
     best = summary["best"]
     result = {"preset": args.preset, "dataset": Path(args.train_json).parent.name, "budget_s": args.budget_min * 60,

@@ -1,0 +1,113 @@
+"""What each piece of test-time work buys: AP and time of prediction settings on one trained checkpoint.
+
+    python benchmarks/inference_levers.py --checkpoint RUN/best.pt --gt VAL.json --image-dir IMAGES \
+        [--images 50] [--settings shipped no-tta ...] --json out.json
+
+Every setting predicts the same images one after another in this process (nothing else should run), is
+scored with tinyseg's evaluation (95% intervals by bootstrap over images) and compared with the first
+setting by a paired bootstrap over the same images. Time is the median and the total of seconds per
+image for the whole prediction (decode, model, mask paste, RLE), one image at a time as `tinyseg predict`
+runs on a CPU. Settings are changes to the checkpoint's own ones ("shipped": its predict section, TTA
+as its preset ships it); `model.rpn_post_nms_top_n_test` is the number of RPN proposals kept per image.
+Choose on images the checkpoint never trained on and that you will not report (a fold of
+`tinyseg train --folds`), then report the chosen setting on the val split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+from machine_info import commit, machine, write_result  # noqa: E402
+from tinyseg.data.coco import read_json  # noqa: E402
+from tinyseg.evaluation.compare import compare_detections  # noqa: E402
+from tinyseg.inference.jobs import predict_entries, score  # noqa: E402
+from tinyseg.inference.predictor import load_model  # noqa: E402
+
+SETTINGS = {
+    "shipped": {},
+    "no-tta": {"predict.tta": False},
+    "no-tta-proposals-500": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 500},
+    "no-tta-proposals-300": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 300},
+    "no-tta-score-0.05": {"predict.tta": False, "predict.score_thresh": 0.05},
+    "tta-proposals-500": {"model.rpn_post_nms_top_n_test": 500},
+}
+
+
+def subset(gt: dict, count: int) -> dict:
+    """The first `count` images by id (all of them for 0) with their annotations."""
+    images = sorted(gt["images"], key=lambda image: image["id"])[:count or None]
+    keep = {image["id"] for image in images}
+    return {**gt, "images": images, "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+
+
+def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str) -> dict:
+    predict = {k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("predict.")}
+    loaded = load_model(checkpoint, "cpu", predict)
+    proposals = changes.get("model.rpn_post_nms_top_n_test")
+    if proposals:
+        loaded.model.rpn._post_nms_top_n["testing"] = proposals
+    seconds, detections = [], []
+    for image in gt["images"]:
+        start = time.perf_counter()
+        found = predict_entries(loaded.model, loaded.categories, loaded.device, loaded.config.predict,
+                                [(image["id"], image["file_name"])], image_dir, progress=False)
+        seconds.append(time.perf_counter() - start)
+        detections += found.results
+    metrics = score(gt, detections, ("segm",), ci_resamples=1000, ci_level=0.95, ci_seed=0)["segm"]
+    return {"changes": changes, "tta": loaded.config.predict.tta,
+            "proposals": loaded.model.rpn._post_nms_top_n["testing"],
+            "score_thresh": loaded.config.predict.score_thresh,
+            "segm_AP50": metrics["stats"]["AP50"], "segm_AP": metrics["stats"]["AP"],
+            "segm_AP50_ci": metrics["ci"]["AP50"], "segm_AP_ci": metrics["ci"]["AP"],
+            "s_per_image_median": statistics.median(seconds), "s_per_image_mean": sum(seconds) / len(seconds),
+            "detections_per_image": len(detections) / len(gt["images"]), "_detections": detections}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--gt", required=True, help="COCO JSON of the images to predict and score")
+    parser.add_argument("--image-dir", required=True)
+    parser.add_argument("--images", type=int, default=0, help="the first N images by id (default: all)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="the first is the baseline of the paired comparisons")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    gt = subset(read_json(args.gt), args.images)
+    runs = {}
+    for name in args.settings:
+        runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir)
+        print(f"{name:<24} AP50 {runs[name]['segm_AP50']:.4f} AP {runs[name]['segm_AP']:.4f}"
+              f"  {runs[name]['s_per_image_median']:.3f} s/image (median)", flush=True)
+    baseline = args.settings[0]
+    for name, run in runs.items():
+        if name != baseline:
+            paired = compare_detections(gt, runs[baseline]["_detections"], run["_detections"], "segm")
+            run["vs_" + baseline] = {metric: paired[metric] for metric in ("AP50", "AP")}
+            run["time_ratio_vs_" + baseline] = run["s_per_image_mean"] / runs[baseline]["s_per_image_mean"]
+    for run in runs.values():
+        del run["_detections"]
+    result = {"checkpoint": args.checkpoint, "gt": args.gt, "images": len(gt["images"]),
+              "instances": len(gt["annotations"]), "threads": torch.get_num_threads(), "settings": runs,
+              "machine": machine(), "commit": commit()}
+    print(json.dumps(result, indent=2))
+    write_result(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
