@@ -30,6 +30,8 @@ import torch  # noqa: E402
 from machine_info import commit, machine, write_result  # noqa: E402
 from tinyseg.data.coco import read_json  # noqa: E402
 from tinyseg.evaluation.compare import compare_detections  # noqa: E402
+from tinyseg.data.dataset import ImageListDataset  # noqa: E402
+from tinyseg.inference.export import OnnxModel, export_onnx  # noqa: E402
 from tinyseg.inference.jobs import predict_entries, score  # noqa: E402
 from tinyseg.inference.predictor import load_model  # noqa: E402
 
@@ -40,6 +42,10 @@ SETTINGS = {
     "no-tta-proposals-300": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 300},
     "no-tta-score-0.05": {"predict.tta": False, "predict.score_thresh": 0.05},
     "tta-proposals-500": {"model.rpn_post_nms_top_n_test": 500},
+    "tta": {"predict.tta": True},
+    # The checkpoint exported to ONNX (--onnx, or exported here), no TTA, run by another runtime.
+    "onnxruntime": {"runtime": "onnxruntime"},
+    "openvino": {"runtime": "openvino"},
 }
 
 
@@ -50,7 +56,9 @@ def subset(gt: dict, count: int) -> dict:
     return {**gt, "images": images, "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
-def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str) -> dict:
+def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: str = "") -> dict:
+    if "runtime" in changes:
+        return run_runtime(onnx, changes, gt, image_dir)
     predict = {k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("predict.")}
     loaded = load_model(checkpoint, "cpu", predict)
     proposals = changes.get("model.rpn_post_nms_top_n_test")
@@ -63,11 +71,26 @@ def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str) -> dic
                                 [(image["id"], image["file_name"])], image_dir, progress=False)
         seconds.append(time.perf_counter() - start)
         detections += found.results
-    metrics = score(gt, detections, ("segm",), ci_resamples=1000, ci_level=0.95, ci_seed=0)["segm"]
     return {"changes": changes, "tta": loaded.config.predict.tta,
             "proposals": loaded.model.rpn._post_nms_top_n["testing"],
-            "score_thresh": loaded.config.predict.score_thresh,
-            "segm_AP50": metrics["stats"]["AP50"], "segm_AP": metrics["stats"]["AP"],
+            "score_thresh": loaded.config.predict.score_thresh, **scored(gt, detections, seconds)}
+
+
+def run_runtime(onnx: str, changes: dict, gt: dict, image_dir: str) -> dict:
+    model = OnnxModel(onnx, runtime=changes["runtime"])
+    dataset = ImageListDataset([(image["id"], image["file_name"]) for image in gt["images"]], image_dir)
+    seconds, detections = [], []
+    for index in range(len(dataset)):
+        start = time.perf_counter()
+        image, meta = dataset[index]
+        detections += model.results(image.float() / 255, meta["image_id"])
+        seconds.append(time.perf_counter() - start)
+    return {"changes": changes, "tta": False, **scored(gt, detections, seconds)}
+
+
+def scored(gt: dict, detections: list[dict], seconds: list[float]) -> dict:
+    metrics = score(gt, detections, ("segm",), ci_resamples=1000, ci_level=0.95, ci_seed=0)["segm"]
+    return {"segm_AP50": metrics["stats"]["AP50"], "segm_AP": metrics["stats"]["AP"],
             "segm_AP50_ci": metrics["ci"]["AP50"], "segm_AP_ci": metrics["ci"]["AP"],
             "s_per_image_median": statistics.median(seconds), "s_per_image_mean": sum(seconds) / len(seconds),
             "detections_per_image": len(detections) / len(gt["images"]), "_detections": detections}
@@ -81,6 +104,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=0, help="the first N images by id (default: all)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                         help="the first is the baseline of the paired comparisons")
+    parser.add_argument("--onnx", help="the checkpoint's ONNX export for the runtime settings (default: exported"
+                        " next to --json)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
@@ -88,9 +113,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     gt = subset(read_json(args.gt), args.images)
+    onnx = args.onnx
+    if not onnx and any("runtime" in SETTINGS[name] for name in args.settings):
+        onnx = str(Path(args.json or "levers.json").with_suffix(".onnx"))
+        export_onnx(args.checkpoint, onnx)
     runs = {}
     for name in args.settings:
-        runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir)
+        runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir, onnx)
         print(f"{name:<24} AP50 {runs[name]['segm_AP50']:.4f} AP {runs[name]['segm_AP']:.4f}"
               f"  {runs[name]['s_per_image_median']:.3f} s/image (median)", flush=True)
     baseline = args.settings[0]

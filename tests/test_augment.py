@@ -51,22 +51,47 @@ def test_copy_paste_skips_other_sizes_and_probability_zero():
 
 def test_flip_is_undone_and_views_merge_with_mask_voting():
     width = 20
-    mask = torch.zeros(1, 1, 10, width)
-    mask[..., 2:6] = 1.0
+    probs = torch.zeros(1, 1, 28, 28)
+    probs[..., :14] = 1.0  # the left half of the box
     view = {"boxes": torch.tensor([[2.0, 0.0, 6.0, 10.0]]), "scores": torch.tensor([0.9]),
-            "labels": torch.tensor([1]), "masks": mask}
+            "labels": torch.tensor([1]), "mask_probs": probs}
     flipped = {"boxes": torch.tensor([[width - 6.0, 0.0, width - 2.0, 10.0]]), "scores": torch.tensor([0.7]),
-               "labels": torch.tensor([1]), "masks": mask.flip(-1) * 0.5}
+               "labels": torch.tensor([1]), "mask_probs": probs.flip(-1) * 0.5}
     restored = _unflip(flipped, width)
     assert restored["boxes"].tolist() == [[2.0, 0.0, 6.0, 10.0]]
-    assert torch.equal(restored["masks"], mask * 0.5)
+    assert torch.equal(restored["mask_probs"], probs * 0.5)
     other = {"boxes": torch.tensor([[12.0, 0.0, 16.0, 10.0]]), "scores": torch.tensor([0.8]),
-             "labels": torch.tensor([2]), "masks": torch.zeros(1, 1, 10, width)}
+             "labels": torch.tensor([2]), "mask_probs": torch.zeros(1, 1, 28, 28)}
     merged = merge_views([view, restored, other], nms_thresh=0.5, max_detections=10)
     assert merged["labels"].tolist() == [1, 2]
     assert torch.allclose(merged["scores"], torch.tensor([0.9, 0.8]))
     # Score-weighted mean of the two views' masks: (0.9 * 1 + 0.7 * 0.5) / 1.6
-    assert torch.allclose(merged["masks"][0, 0, 0, 3], torch.tensor((0.9 + 0.35) / 1.6))
+    assert torch.allclose(merged["mask_weights"], torch.tensor([[0.9 / 1.6, 0.7 / 1.6, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_tta_masks_are_torchvisions_pasted_masks_mixed_then_thresholded():
+    """The merged masks equal pasting every view at full size the torchvision way, mixing by the weights
+    and thresholding: what TTA did before it stopped holding full-size float masks."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from tinyseg.inference.masks import paste_merged_binary
+
+    generator = torch.Generator().manual_seed(0)
+    height, width, count = 37, 53, 7
+    corners = torch.rand(count, 2, generator=generator) * torch.tensor([width - 8.0, height - 8.0])
+    sizes = 4 + torch.rand(count, 2, generator=generator) * 20
+    boxes = torch.cat([corners, corners + sizes], dim=1)
+    boxes[0] = torch.tensor([-5.0, -3.0, 20.0, 12.0])  # partly outside the image
+    probs = torch.rand(count, 1, 28, 28, generator=generator)
+    weights = torch.rand(3, count, generator=generator) * (torch.rand(3, count, generator=generator) > 0.4)
+    weights[:, 0] += 0.1
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    full = paste_masks_in_image(probs, boxes, (height, width), padding=1)[:, 0]
+    expected = (torch.einsum("kn,nhw->khw", weights, full) >= 0.5).numpy().transpose(1, 2, 0)
+    found = paste_merged_binary(probs, boxes, weights, height, width, 0.5)
+    assert found.shape == (height, width, 3) and found.flags.f_contiguous
+    assert (found != expected).sum() <= 2  # float summation order can flip a pixel sitting on 0.5
+    assert found.sum() > 0
 
 
 def _batch_of_six():

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,6 +67,37 @@ def test_predict_with_onnx_writes_a_valid_submission(trained_run, onnx_path, tmp
             str(shapes["test"]), "--output", str(out))
     run_cli("validate-submission", str(out), "--images-json", str(shapes["test"]))
     assert {e["category_id"] for e in json.loads(out.read_text())} <= {3, 7, 12}
+
+
+def test_openvino_runs_the_onnx_export_as_onnxruntime_does(trained_run, onnx_path):
+    pytest.importorskip("openvino")
+    from tinyseg.inference.export import OnnxModel
+
+    reference, candidate = OnnxModel(str(onnx_path)), OnnxModel(str(onnx_path), runtime="openvino")
+    compared = 0
+    for path in _images(trained_run):  # several image sizes: one compiled model each
+        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
+        a, b = reference(image), candidate(image)
+        keep_a, keep_b = a["scores"] >= 0.3, b["scores"] >= 0.3
+        assert int(keep_a.sum()) == int(keep_b.sum()), path
+        assert torch.equal(a["labels"][keep_a], b["labels"][keep_b])
+        if keep_a.any():
+            assert float(box_iou(a["boxes"][keep_a], b["boxes"][keep_b]).diagonal().min()) > 0.99
+            assert torch.allclose(a["scores"][keep_a], b["scores"][keep_b], atol=1e-3)
+            for ma, mb in zip(a["masks"][keep_a, 0] >= 0.5, b["masks"][keep_b, 0] >= 0.5):
+                union = (ma | mb).sum()
+                assert union == 0 or (ma & mb).sum() / union > 0.98
+            compared += int(keep_a.sum())
+    assert compared > 0, "no detections above the threshold: the comparison would prove nothing"
+
+
+def test_predict_with_a_missing_runtime_says_what_to_install(trained_run, onnx_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    shapes = trained_run["shapes"]
+    result = run_cli("predict", "--onnx", str(onnx_path), "--runtime", "openvino", "--image-dir",
+                     str(shapes["images"]), "--output", str(tmp_path / "sub.json"), check=False)
+    assert result.returncode == 2 and "pip install openvino" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "sub.json").exists()
 
 
 def test_report_files_exist(trained_run):

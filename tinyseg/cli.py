@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = verbs.add_parser("predict", help="write a submission JSON for a folder of images")
     predict.add_argument("--checkpoint", help="a tinyseg checkpoint (or give --onnx)")
-    predict.add_argument("--onnx", help="an exported ONNX model, run with onnxruntime instead of PyTorch")
+    predict.add_argument("--onnx", help="an exported ONNX model (tinyseg export), run without PyTorch's model")
+    predict.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                         help="what runs --onnx (default onnxruntime; openvino: pip install openvino)")
     predict.add_argument("--image-dir", required=True)
     predict.add_argument("--images-json", default="", help="test.json: image ids are looked up by file name")
     predict.add_argument("--output", required=True, help="the submission JSON to write")

@@ -120,7 +120,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.onnx):
         raise UsageError("give --checkpoint CKPT or --onnx MODEL.onnx")
     if args.onnx:
-        found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh, args.mask_thresh)
+        try:
+            found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh,
+                                          args.mask_thresh, args.runtime)
+        except ModuleNotFoundError as error:
+            raise UsageError(f"--onnx with --runtime {args.runtime} needs the {error.name} package:"
+                             f" pip install {error.name}") from error
     else:
         job = PredictJob(args.checkpoint, args.image_dir, args.images_json, device=args.device,
                          predict_overrides=_predict_overrides(args), num_workers=args.workers, amp=args.amp)

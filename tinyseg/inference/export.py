@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX (dynamic image size) and run the ONNX model with onnxruntime.
+"""Export a checkpoint to ONNX (dynamic image size) and run the ONNX model with onnxruntime or OpenVINO.
 
 (TorchScript is not offered: torch.jit.script rejects the AMP backbone's annotations, and TorchScript
 is deprecated upstream; ONNX is the portable format.)
@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,24 +57,30 @@ def export_onnx(checkpoint: str, output: str, opset: int = 17, example_size: tup
     return Path(output)
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+
+
 class OnnxModel:
-    """An exported model run by onnxruntime; outputs as torchvision's, with the file's category ids."""
+    """An exported model run by onnxruntime or OpenVINO; outputs as torchvision's, with the file's category ids."""
 
-    def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None):
-        import onnxruntime
+    def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
+                 runtime: str = RUNTIMES[0]):
+        import onnx
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        meta = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
         if "tinyseg_categories" not in meta:
             raise CheckpointError(f"{path}: not a tinyseg ONNX export (no category map in its metadata)")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
+        self.run = _onnxruntime(path) if runtime == "onnxruntime" else _OpenVino(path)
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """image: (3, H, W) float in [0, 1]."""
-        # onnxruntime reads the buffer as C-contiguous: a permuted (HWC -> CHW) view would be scrambled.
-        values = self.session.run(None, {"image": np.ascontiguousarray(image.numpy(), dtype=np.float32)})
+        # Both runtimes read the buffer as C-contiguous: a permuted (HWC -> CHW) view would be scrambled.
+        values = self.run(np.ascontiguousarray(image.numpy(), dtype=np.float32))
         output = {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, values)}
         if self.score_thresh is not None:
             keep = output["scores"] >= self.score_thresh
@@ -80,3 +89,38 @@ class OnnxModel:
 
     def results(self, image: torch.Tensor, image_id: int) -> list[dict]:
         return to_coco_results(self(image), image_id, self.categories, self.mask_thresh)
+
+
+def _onnxruntime(path: str) -> Callable[[np.ndarray], list[np.ndarray]]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda image: session.run(OUTPUTS, {"image": image})
+
+
+class _OpenVino:
+    """OpenVINO's CPU plugin, compiled for each image size: with the size left dynamic, its CPU plugin
+    mis-sizes the graph's resize (it asked for terabytes). The last few sizes stay compiled (datasets of
+    photos have many sizes; each compiled model holds its own weights)."""
+
+    KEEP = 4
+
+    def __init__(self, path: str):
+        import openvino
+
+        self.core = openvino.Core()
+        self.path = str(path)
+        self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        if image.shape in self.compiled:
+            self.compiled.move_to_end(image.shape)
+        else:
+            model = self.core.read_model(self.path)
+            model.reshape({"image": list(image.shape)})
+            self.compiled[image.shape] = self.core.compile_model(model, "CPU")
+            if len(self.compiled) > self.KEEP:
+                self.compiled.popitem(last=False)
+        compiled = self.compiled[image.shape]
+        values = compiled([image])
+        return [np.asarray(values[compiled.output(name)]) for name in OUTPUTS]

@@ -16,7 +16,7 @@ from ..data.dataset import ImageListDataset, collate
 from ..runtime.checkpoint import load_checkpoint
 from ..runtime.precision import resolve_amp, resolve_device
 from ..model import build_model, prepare_for_inference
-from .masks import encode_masks, paste_masks_binary
+from .masks import encode_masks, paste_masks_binary, paste_merged_binary
 from .tta import tta_forward
 
 
@@ -64,8 +64,11 @@ def mask_probs_output(model: nn.Module, enabled: bool = True):
 
 
 def binary_masks(output: dict, mask_thresh: float, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """One image's masks as (H, W, N) uint8 in Fortran order: "mask_probs" pasted at image_size (H, W),
-    or torchvision's full-size "masks" (N, 1, H, W) thresholded."""
+    """One image's masks as (H, W, N) uint8 in Fortran order: "mask_probs" pasted at image_size (H, W)
+    (mixed by "mask_weights" after TTA), or torchvision's full-size "masks" (N, 1, H, W) thresholded."""
+    if "mask_weights" in output:
+        return paste_merged_binary(output["mask_probs"], output["mask_boxes"], output["mask_weights"], *image_size,
+                                   mask_thresh)
     if "mask_probs" in output:
         return paste_masks_binary(output["mask_probs"], output["boxes"], *image_size, mask_thresh)
     return np.asfortranarray((output["masks"][:, 0] >= mask_thresh).cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
@@ -99,7 +102,7 @@ def predict_images(model: nn.Module, dataset: ImageListDataset, categories: Cate
                    progress: bool = True, tta: PredictConfig | None = None, paste_full: bool = False) -> Predictions:
     """Detections for the dataset's images (or a subset); unreadable images are reported, not fatal.
 
-    paste_full: paste masks the torchvision way (full-size float masks, thresholded after), only to
+    paste_full: paste masks the torchvision way (full-size float masks, thresholded after; not under TTA), only to
     measure what binary pasting saves (benchmarks/speedups.py).
     """
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
@@ -109,9 +112,8 @@ def predict_images(model: nn.Module, dataset: ImageListDataset, categories: Cate
     model.eval()
     use_tta = tta is not None and tta.tta
     found = Predictions()
-    # TTA merges masks at image scale, so it needs them pasted; otherwise they are pasted binary.
     try:
-        with mask_probs_output(model, enabled=not (use_tta or paste_full)):
+        with mask_probs_output(model, enabled=not paste_full):
             for images, metas in tqdm(loader, desc="predict", disable=not progress, leave=False):
                 readable = [(image, meta) for image, meta in zip(images, metas) if image is not None]
                 found.errors += [meta["error"] for meta in metas if meta["error"]]
