@@ -5,10 +5,11 @@
 
 Every setting predicts the same images one after another in this process (nothing else should run), is
 scored with tinyseg's evaluation (95% intervals by bootstrap over images) and compared with the first
-setting by a paired bootstrap over the same images. Time is the median and the total of seconds per
+setting by a paired bootstrap over the same images. Time is the median and the mean of seconds per
 image for the whole prediction (decode, model, mask paste, RLE), one image at a time as `tinyseg predict`
-runs on a CPU. Settings are changes to the checkpoint's own ones ("shipped": its predict section, TTA
-as its preset ships it); `model.rpn_post_nms_top_n_test` is the number of RPN proposals kept per image.
+runs on a CPU. Settings are changes to the checkpoint's own ones ("shipped": the predict section saved
+in the checkpoint, as its run was configured); `model.rpn_post_nms_top_n_test` is the number of RPN
+proposals kept per image; the runtime settings run the checkpoint's ONNX export without TTA.
 Choose on images the checkpoint never trained on and that you will not report (a fold of
 `tinyseg train --folds`), then report the chosen setting on the val split.
 """

@@ -56,7 +56,8 @@ def main() -> int:
         result = {"preset": args.preset, "dataset": Path(args.train_json).parent.name, "folds": args.folds,
                   "budget_s_per_fold": args.budget_min * 60, "overrides": args.overrides, "run_dir": run_dir,
                   **{k: summary[k] for k in ("mean", "std", "min", "max", "split_seed")},
-                  "per_fold": [{k: v for k, v in fold.items() if k != "val_image_ids"} for fold in summary["per_fold"]],
+                  "per_fold": [{**{k: v for k, v in fold.items() if k != "val_image_ids"},
+                                **val_intervals(Path(fold["run_dir"]))} for fold in summary["per_fold"]],
                   "machine": machine(), "commit": commit()}
         print(json.dumps(result, indent=2))
         write_result(args.json, result)

@@ -69,6 +69,15 @@ def test_flip_is_undone_and_views_merge_with_mask_voting():
     assert torch.allclose(merged["mask_weights"], torch.tensor([[0.9 / 1.6, 0.7 / 1.6, 0.0], [0.0, 0.0, 1.0]]))
 
 
+def test_tta_with_no_detections_gives_no_masks():
+    from tinyseg.inference.predictor import binary_masks
+
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+             "mask_probs": torch.zeros(0, 1, 28, 28)}
+    merged = merge_views([empty, _unflip(empty, 30)], nms_thresh=0.5, max_detections=10)
+    assert merged["boxes"].shape == (0, 4) and binary_masks(merged, 0.5, (20, 30)).shape == (20, 30, 0)
+
+
 def test_tta_masks_are_torchvisions_pasted_masks_mixed_then_thresholded():
     """The merged masks equal pasting every view at full size the torchvision way, mixing by the weights
     and thresholding: what TTA did before it stopped holding full-size float masks."""

@@ -62,6 +62,7 @@ def test_cross_validation_on_fruits_nuts_end_to_end(tmp_path, monkeypatch, capsy
     for index, fold in enumerate(summary["per_fold"]):
         run_dir = out / f"fold_{index}"
         assert (run_dir / "last.pt").is_file() and (run_dir / "fold_result.json").is_file()
+        assert fold["iterations"] == json.loads((run_dir / "fold_result.json").read_text())["iterations"] > 0
         train = json.loads((run_dir / "train.json").read_text())
         val = json.loads((run_dir / "val.json").read_text())
         assert {i["id"] for i in val["images"]} == val_sets[index]

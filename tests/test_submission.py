@@ -53,15 +53,15 @@ def test_validator_lists_each_problem(trained_run, submission, tmp_path):
     entries[2]["segmentation"]["size"] = [1, 1]
     del entries[3]["score"]
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(entries + [{"image_id": entries[0]["image_id"], "score": 0.5, "category_id": 3,
-                                          "segmentation": {"size": [96, 112], "counts": "garbage!!"}}]))
+    bad.write_text(json.dumps(entries + [{"image_id": entries[1]["image_id"], "score": 0.5, "category_id": 3,
+                                          "segmentation": {**entries[1]["segmentation"], "counts": "garbage!!"}}]))
     problems = validate_submission(bad, trained_run["shapes"]["test"])
     text = "\n".join(problems)
     assert "entry 0: image_id 424242" in text
     assert "entry 1: category_id 1" in text
     assert "entry 2: RLE size [1, 1]" in text
     assert "entry 3: missing score" in text
-    assert "entry 4:" in text
+    assert "entry 4: RLE counts do not decode" in text
 
 
 def test_checkpoint_with_other_classes_is_refused(trained_run, tmp_path):

@@ -124,8 +124,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh,
                                           args.mask_thresh, args.runtime)
         except ModuleNotFoundError as error:
-            raise UsageError(f"--onnx with --runtime {args.runtime} needs the {error.name} package:"
-                             f" pip install {error.name}") from error
+            package = (error.name or "").split(".")[0]
+            if package not in ("onnx", "onnxruntime", "openvino"):
+                raise
+            raise UsageError(f"--onnx with --runtime {args.runtime} needs the {package} package:"
+                             f" pip install {package}") from error
     else:
         job = PredictJob(args.checkpoint, args.image_dir, args.images_json, device=args.device,
                          predict_overrides=_predict_overrides(args), num_workers=args.workers, amp=args.amp)

@@ -14,7 +14,6 @@ import json
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +64,15 @@ class OnnxModel:
 
     def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
                  runtime: str = RUNTIMES[0]):
-        import onnx
-
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-        meta = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+        self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path)
+        meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
             raise CheckpointError(f"{path}: not a tinyseg ONNX export (no category map in its metadata)")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
-        self.run = _onnxruntime(path) if runtime == "onnxruntime" else _OpenVino(path)
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """image: (3, H, W) float in [0, 1]."""
@@ -91,11 +88,17 @@ class OnnxModel:
         return to_coco_results(self(image), image_id, self.categories, self.mask_thresh)
 
 
-def _onnxruntime(path: str) -> Callable[[np.ndarray], list[np.ndarray]]:
-    import onnxruntime
+class _OnnxRuntime:
+    def __init__(self, path: str):
+        import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda image: session.run(OUTPUTS, {"image": image})
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(OUTPUTS, {"image": image})
 
 
 class _OpenVino:
@@ -110,15 +113,22 @@ class _OpenVino:
 
         self.core = openvino.Core()
         self.path = str(path)
+        self.model = self.core.read_model(self.path)
         self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def metadata(self) -> dict[str, str]:
+        import onnx  # OpenVINO does not expose the ONNX file's metadata_props
+
+        return {entry.key: entry.value for entry in onnx.load(self.path, load_external_data=False).metadata_props}
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         if image.shape in self.compiled:
             self.compiled.move_to_end(image.shape)
         else:
-            model = self.core.read_model(self.path)
+            model = self.model.clone()
             model.reshape({"image": list(image.shape)})
-            self.compiled[image.shape] = self.core.compile_model(model, "CPU")
+            # fp32 as the export: on CPUs with bf16 (AVX512-BF16, AMX) the plugin would otherwise pick bf16
+            self.compiled[image.shape] = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             if len(self.compiled) > self.KEEP:
                 self.compiled.popitem(last=False)
         compiled = self.compiled[image.shape]

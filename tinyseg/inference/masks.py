@@ -39,8 +39,9 @@ def paste_merged_binary(mask_probs: torch.Tensor, boxes: torch.Tensor, weights: 
         members = [(float(row[n]), pasted[n]) for n in row.nonzero().flatten().tolist() if pasted[n] is not None]
         if not members:
             continue
-        top, left = min(m[1][0][0] for m in members), min(m[1][0][2] for m in members)
-        bottom, right = max(m[1][0][1] for m in members), max(m[1][0][3] for m in members)
+        regions = [region for _, (region, _) in members]  # (top, bottom, left, right) of each member
+        top, left = min(r[0] for r in regions), min(r[2] for r in regions)
+        bottom, right = max(r[1] for r in regions), max(r[3] for r in regions)
         mixed = torch.zeros(bottom - top, right - left)
         for weight, ((t, b, l, r), probs) in members:
             mixed[t - top:b - top, l - left:r - left] += weight * probs

@@ -168,7 +168,7 @@ def _train_fold(fold: Fold, resume: bool) -> dict | None:
 
 def summarize(cfg: Config, folds: list[Fold], results: list[dict]) -> dict[str, Any]:
     """Mean, sample standard deviation (K - 1), min and max of each metric over the folds."""
-    per_fold = [{key: r[key] for key in ("fold", "run_dir", "train_images", "val_images", *METRICS,
+    per_fold = [{key: r[key] for key in ("fold", "run_dir", "train_images", "val_images", "iterations", *METRICS,
                                          "val_image_ids")} for r in results]
     summary: dict[str, Any] = {"folds": len(folds), "train_json": cfg.data.train_json,
                                "image_dir": cfg.data.image_dir, "split_seed": cfg.data.split_seed,
