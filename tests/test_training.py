@@ -140,8 +140,11 @@ def test_bf16_training_stays_finite(shapes, tmp_path):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(shapes, tmp_path):
     run_dir = tmp_path / "interrupted"
+    # A suite started in the background by a shell without job control inherits SIGINT ignored, and so
+    # would the child: it gets the default back, as a terminal's Ctrl-C finds it.
     process = subprocess.Popen(_train_cli(shapes, run_dir, "solver.epochs=50"), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline and process.poll() is None:
