@@ -370,6 +370,11 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
     return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
+def decode_mask(rle: dict, height: int, width: int) -> np.ndarray:
+    """One (H, W) bool mask from a compressed RLE."""
+    return decode_masks([rle], height, width)[0].astype(bool)
+
+
 def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
     """(N, H, W) uint8 masks from compressed RLEs, decoded in one call.
 

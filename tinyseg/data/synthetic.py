@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .coco import decode_masks
+from .coco import decode_mask
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -52,7 +52,7 @@ def make_image(rng: np.random.Generator, image_id: int, height: int, width: int,
         cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
         polygon = _polygon(SHAPES[label], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
         rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
-        mask = decode_masks([rle], height, width)[0].astype(bool)
+        mask = decode_mask(rle, height, width)
         if (mask & occupied).sum() > 0.05 * mask.sum():
             continue  # keep instances apart so polygons stay exact
         occupied |= mask

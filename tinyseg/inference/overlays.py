@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.coco import decode_masks, segmentation_to_rle
+from ..data.coco import decode_mask, segmentation_to_rle
 from ..data.images import image_path, load_rgb
 from ..runtime.files import atomic_write
 
@@ -29,7 +29,7 @@ def draw_instances(image: Image.Image, instances: list[dict], names: dict[int, s
     boxes = []
     for index, instance in enumerate(instances):
         rle = segmentation_to_rle(instance["segmentation"], image.height, image.width)
-        mask = decode_masks([rle], image.height, image.width)[0].astype(bool)
+        mask = decode_mask(rle, image.height, image.width)
         colour = np.array(_colour(index), dtype=np.float32)
         canvas[mask] = canvas[mask] * (1 - alpha) + colour * alpha
         x, y, w, h = mask_utils.toBbox(rle).tolist()

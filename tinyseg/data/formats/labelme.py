@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..coco import DatasetError, Problem, decode_masks, read_json, segmentation_to_rle
+from ..coco import DatasetError, Problem, decode_mask, read_json, segmentation_to_rle
 from .common import CocoBuilder, absolute, image_root, read_class_names
 
 IGNORE = "__ignore__"
@@ -246,4 +246,4 @@ def _join(parts: list[tuple[int, Any]], height: int, width: int) -> Any:
 
 
 def _mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    return decode_masks([segmentation_to_rle(segmentation, height, width)], height, width)[0].astype(bool)
+    return decode_mask(segmentation_to_rle(segmentation, height, width), height, width)
