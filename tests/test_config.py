@@ -28,10 +28,34 @@ def test_overrides_dotted_and_short(tmp_path):
     ("train.amp=fp8", "must be one of"),
     ("nosuchsection.x=1", "unknown config section"),
     ("lr", "key=value"),
+    ("model.mask_head_convs=0", "'model.mask_head_convs' must be >= 1"),
 ])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", [override])
+
+
+def test_a_config_builds_on_its_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: scratch-cpu\nsolver:\n  lr: 0.1\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel:\n  fpn_channels: 32\n")
+    config = load_config(str(tmp_path / "child.yaml"), ["solver.epochs=3"])
+    scratch = load_config("scratch-cpu")
+    assert (config.model.backbone, config.input.min_size) == (scratch.model.backbone, scratch.input.min_size)
+    assert (config.solver.lr, config.model.fpn_channels, config.solver.epochs) == (0.1, 32, 3)
+    fast = load_config("fast-cpu")
+    assert (fast.solver.optimizer, fast.input.test_min_size) == (scratch.solver.optimizer, scratch.input.test_min_size)
+    assert fast.model.mask_head_convs < scratch.model.mask_head_convs and not fast.predict.tta
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: loop.yaml\n", "goes round in a circle"),
+    ("base: no-such-preset\n", "neither a file nor a preset"),
+    ("base: [scratch-cpu]\n", "'base' must name a preset or a YAML file"),
+])
+def test_a_bad_base_is_clear(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(tmp_path / "loop.yaml"))
 
 
 def test_unknown_preset_lists_presets():

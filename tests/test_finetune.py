@@ -200,6 +200,8 @@ def test_tinyvoc_refuses_detector_weights_unless_overridden(offline, detector_fi
 @pytest.mark.parametrize("override, message", [
     ({"backbone": "resnet101"}, "needs model.backbone=resnet50"),
     ({"fpn_channels": 128}, "needs model.fpn_channels=256"),
+    ({"mask_head_convs": 2}, "needs model.mask_head_convs=4"),
+    ({"mask_head_channels": 64}, "needs model.mask_head_channels=256"),
     ({"norm": "gn"}, "model.norm must be auto or one of"),
 ])
 def test_settings_that_do_not_fit_coco_weights_are_refused_before_download(override, message, offline):

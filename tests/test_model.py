@@ -19,6 +19,20 @@ def test_scratch_model_trains_everything_with_learning_norm():
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
 
 
+def test_mask_head_depth_and_width_follow_the_config():
+    model = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64,
+                                    mask_head_convs=2, mask_head_channels=16), 4)
+    convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(32, 16), (16, 16)]
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 16
+    model.eval()
+    with torch.no_grad():
+        (output,) = model([torch.rand(3, 96, 128)])
+    assert output["masks"].shape[1:] == (1, 96, 128)
+    default = build_model(ModelConfig(backbone="resnet18", init="none", fpn_channels=32, box_head_dim=64), 4)
+    assert sum(isinstance(m, nn.Conv2d) for m in default.roi_heads.mask_head.modules()) == 4
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     torch.nn.init.normal_(reference.conv1.weight)

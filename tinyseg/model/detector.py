@@ -52,7 +52,9 @@ def check_arch(cfg: ModelConfig, arch: str, norm: str) -> None:
     """torchvision's layouts fix what their weights' shapes fix; anything else set against them is refused."""
     if arch not in TORCHVISION_ARCHS:
         return
-    fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024}
+    fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024, "mask_head_convs": 4}
+    if cfg.mask_head_channels:
+        fixed["mask_head_channels"] = 256
     for key, value in fixed.items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model.arch={arch} (model.init={cfg.init}) needs model.{key}={value}, "
@@ -203,7 +205,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_weights: bool = True
         head_norm = norm_factory(norm) if arch == "maskrcnn_resnet50_fpn_v2" else None
     else:
         head_norm = None if norm == "frozen_bn" else norm_factory(norm)
-    mask_layers = [channels] * 4
+    mask_layers = [cfg.mask_head_channels or channels] * cfg.mask_head_convs
     mask_head: nn.Module = AmpMaskHeads(channels, mask_layers, 1, norm_layer=head_norm)
     if cfg.mask_head_dropout > 0:
         mask_head = nn.Sequential(OrderedDict(heads=mask_head, dropout=nn.Dropout2d(cfg.mask_head_dropout)))

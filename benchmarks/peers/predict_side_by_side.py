@@ -1,0 +1,154 @@
+"""Prediction time of tinyseg checkpoints and Ultralytics YOLO-seg weights on the same images, side by side.
+
+    N=../shared/datasets/nuclei
+    python benchmarks/peers/predict_side_by_side.py --images $N/val.json --image-dir $N/images \
+        --checkpoint runs/fast/best.pt --checkpoint runs/scratch/best.pt --no-tta-too \
+        --yolo runs/peer-ultralytics-yolo26n-seg-short-.../train/weights/last.pt --imgsz 384 \
+        --rounds 3 --json benchmarks/results/nuclei-predict-side-by-side.json
+
+What is timed, per image, for every model: reading the image file, the network, and the masks as COCO
+compressed RLE at the image's own size, that is, what a user needs for a results file. tinyseg runs as
+`tinyseg predict` does (inference/predictor.py predict_images on one image, the run's own prediction
+settings, TTA as shipped; --no-tta-too adds each checkpoint with TTA off); YOLO as
+benchmarks/peers/ultralytics_seg.py predicts (conf 0.001, at most predict.max_detections, retina masks).
+Both with every core (Ultralytics would take one of two).
+
+The models take turns: each round runs every model over all images, one model after the other, so that
+a drift of the machine's speed touches them alike. Reported per model: the median over rounds of the
+mean s/image, each round's figure, detections per image; per tinyseg model, its ratio to each YOLO model
+(median of the per-round ratios). The first image of every model is predicted once, untimed, before round 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCHMARKS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BENCHMARKS.parent))
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from machine_info import commit, machine, write_result  # noqa: E402
+
+from tinyseg.config import PredictConfig  # noqa: E402
+
+Runner = Callable[[int], int]  # image index -> detections written
+
+
+def tinyseg_runner(checkpoint: str, tta: bool | None, image_dir: str, images_json: str) -> tuple[Runner, int]:
+    import torch
+
+    from tinyseg.data.dataset import ImageListDataset
+    from tinyseg.data.formats import load_dataset
+    from tinyseg.inference.predictor import load_model, predict_images
+
+    loaded = load_model(checkpoint, "cpu", {"tta": tta})
+    records = load_dataset(images_json, fmt="coco").images
+    dataset = ImageListDataset([(r.image_id, r.file_name) for r in records], image_dir)
+    predict = loaded.config.predict
+
+    def run(index: int) -> int:
+        found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, predict.mask_thresh,
+                               indices=[index], progress=False, tta=predict)
+        return len(found.results)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return run, len(records)
+
+
+def yolo_runner(weights: str, imgsz: int, image_dir: str, images_json: str) -> Runner:
+    from ultralytics import YOLO
+    from ultralytics_seg import CONF, results_to_coco, use_threads
+
+    from tinyseg.data.formats import load_dataset
+    from tinyseg.data.images import image_path
+
+    use_threads(os.cpu_count() or 1)
+    model = YOLO(weights, task="segment")
+    records = load_dataset(images_json, fmt="coco").images
+    options = {"conf": CONF, "max_det": PredictConfig.max_detections, "imgsz": imgsz, "retina_masks": True,
+               "verbose": False, "device": "cpu"}
+
+    def run(index: int) -> int:
+        record = records[index]
+        result = model.predict(source=str(image_path(image_dir, record.file_name)), **options)[0]
+        return len(results_to_coco(result, record.image_id, [0] * 1000))
+
+    return run
+
+
+def time_rounds(runners: dict[str, Runner], images: int, rounds: int) -> dict[str, dict[str, Any]]:
+    for run in runners.values():
+        run(0)  # warm-up: first-call allocations, Ultralytics' model fusing
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    detections: dict[str, int] = {}
+    for round_index in range(rounds):
+        for name, run in runners.items():
+            count = 0
+            start = time.perf_counter()
+            for index in range(images):
+                count += run(index)
+            seconds[name].append((time.perf_counter() - start) / images)
+            detections[name] = count
+            print(f"round {round_index + 1}/{rounds} {name}: {seconds[name][-1]:.3f} s/image, "
+                  f"{count / images:.1f} detections/image", flush=True)
+    return {name: {"s_per_image": statistics.median(runs), "runs": runs,
+                   "detections_per_image": detections[name] / images} for name, runs in seconds.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="a COCO file naming the images (its annotations unused)")
+    parser.add_argument("--image-dir", required=True)
+    parser.add_argument("--checkpoint", action="append", default=[], help="a tinyseg checkpoint (repeatable)")
+    parser.add_argument("--no-tta-too", action="store_true", help="also time each checkpoint with TTA off")
+    parser.add_argument("--yolo", action="append", default=[], help="Ultralytics weights, .pt (repeatable)")
+    parser.add_argument("--imgsz", type=int, default=384, help="YOLO's prediction size (its training size)")
+    parser.add_argument("--limit", type=int, default=0, help="the first N images only (0 = all)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args()
+    if not args.checkpoint and not args.yolo:
+        parser.error("give at least one --checkpoint or --yolo")
+
+    runners: dict[str, Runner] = {}
+    images = 0
+    for checkpoint in args.checkpoint:
+        for tta in (None, False) if args.no_tta_too else (None,):
+            name = f"tinyseg {checkpoint}" + (" --no-tta" if tta is False else "")
+            runners[name], images = tinyseg_runner(checkpoint, tta, args.image_dir, args.images)
+    if args.yolo:
+        from ultralytics_seg import offline_env
+
+        offline_env(Path(tempfile.mkdtemp(prefix="ultralytics-config-")))
+        for weights in args.yolo:
+            runners[f"yolo {weights}"] = yolo_runner(weights, args.imgsz, args.image_dir, args.images)
+    if not images:
+        from tinyseg.data.formats import load_dataset
+
+        images = len(load_dataset(args.images, fmt="coco").images)
+    images = min(images, args.limit) if args.limit else images
+    timed = time_rounds(runners, images, args.rounds)
+    ratios = {}
+    for name, result in timed.items():
+        if name.startswith("tinyseg"):
+            for peer in (n for n in timed if n.startswith("yolo")):
+                per_round = [mine / theirs for mine, theirs in zip(result["runs"], timed[peer]["runs"])]
+                ratios[f"{name} / {peer}"] = {"median": statistics.median(per_round), "runs": per_round}
+    result = {"images": images, "images_json": args.images, "rounds": args.rounds, "imgsz": args.imgsz,
+              "models": timed, "ratios": ratios, "machine": machine(), "commit": commit()}
+    for name, ratio in ratios.items():
+        print(f"{name}: {ratio['median']:.2f}x")
+    write_result(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
