@@ -9,7 +9,7 @@
 What is timed, per image, for every model: reading the image file, the network, and the masks as COCO
 compressed RLE at the image's own size, that is, what a user needs for a results file. tinyseg runs as
 `tinyseg predict` does (inference/predictor.py predict_images on one image, the run's own prediction
-settings, TTA as shipped; --no-tta-too adds each checkpoint with TTA off); YOLO as
+settings, TTA as shipped; --no-tta-too adds each checkpoint that ships TTA with TTA off too); YOLO as
 benchmarks/peers/ultralytics_seg.py predicts (conf 0.001, at most predict.max_detections, retina masks).
 Both with every core (Ultralytics would take one of two).
 
@@ -118,10 +118,13 @@ def main() -> int:
     if not args.checkpoint and not args.yolo:
         parser.error("give at least one --checkpoint or --yolo")
 
+    from tinyseg.runtime.checkpoint import load_checkpoint
+
     runners: dict[str, Runner] = {}
     images = 0
     for checkpoint in args.checkpoint:
-        for tta in (None, False) if args.no_tta_too else (None,):
+        shipped_tta = load_checkpoint(checkpoint)["config"].get("predict", {}).get("tta", False)
+        for tta in (None, False) if args.no_tta_too and shipped_tta else (None,):
             name = f"tinyseg {checkpoint}" + (" --no-tta" if tta is False else "")
             runners[name], images = tinyseg_runner(checkpoint, tta, args.image_dir, args.images)
     if args.yolo:
