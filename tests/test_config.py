@@ -42,18 +42,39 @@ def test_a_config_builds_on_its_base(tmp_path):
     scratch = load_config("scratch-cpu")
     assert (config.model.backbone, config.input.min_size) == (scratch.model.backbone, scratch.input.min_size)
     assert (config.solver.lr, config.model.fpn_channels, config.solver.epochs) == (0.1, 32, 3)
-    fast = load_config("fast-cpu")
-    assert (fast.solver.optimizer, fast.input.test_min_size) == (scratch.solver.optimizer, scratch.input.test_min_size)
+
+
+def test_base_is_looked_up_beside_the_file_then_among_presets(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("base: other.yaml\n")
+    (tmp_path / "conf" / "other.yaml").write_text("solver:\n  lr: 0.3\n")
+    (tmp_path / "other.yaml").write_text("solver:\n  lr: 0.7\n")  # in the working directory: not used
+    (tmp_path / "conf" / "scratch-cpu.yaml").write_text("solver:\n  lr: 0.9\n")  # a name, not a file: the preset
+    (tmp_path / "conf" / "named.yaml").write_text("base: scratch-cpu\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("conf/mine.yaml").solver.lr == 0.3
+    assert load_config("conf/named.yaml").solver.lr == load_config("scratch-cpu").solver.lr
+    (tmp_path / "conf" / "other.yaml").unlink()
+    with pytest.raises(ConfigError, match="mine.yaml: base 'other.yaml' is neither a YAML file beside it"):
+        load_config("conf/mine.yaml")
+
+
+def test_fast_cpu_is_scratch_cpu_with_a_lighter_model():
+    fast, scratch = load_config("fast-cpu"), load_config("scratch-cpu")
+    assert (fast.solver, fast.input, fast.train, fast.data) == (scratch.solver, scratch.input, scratch.train, scratch.data)
     assert fast.model.mask_head_convs < scratch.model.mask_head_convs and not fast.predict.tta
+    assert _restated("fast-cpu") == []
 
 
 @pytest.mark.parametrize("text, message", [
     ("base: loop.yaml\n", "goes round in a circle"),
-    ("base: no-such-preset\n", "neither a file nor a preset"),
+    ("base: no-such-preset\n", "loop.yaml: base 'no-such-preset' is neither"),
+    ("base: loop2.yaml\n", "goes round in a circle: .*loop.yaml -> .*loop2.yaml -> .*loop.yaml"),
     ("base: [scratch-cpu]\n", "'base' must name a preset or a YAML file"),
 ])
 def test_a_bad_base_is_clear(tmp_path, text, message):
     (tmp_path / "loop.yaml").write_text(text)
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match=message):
         load_config(str(tmp_path / "loop.yaml"))
 
@@ -64,15 +85,16 @@ def test_unknown_preset_lists_presets():
 
 
 def _restated(preset: str) -> list[str]:
-    """The settings a preset file gives the default value of."""
+    """The settings a preset file gives the value they already have: the default's, or its base's."""
     import yaml
 
     from tinyseg.config import PRESET_DIR, Config
 
-    defaults = Config().to_dict()
     raw = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    base = raw.pop("base", None)
+    before = (load_config(base) if base else Config()).to_dict()
     return [f"{section}.{key}" for section, values in raw.items() for key, value in values.items()
-            if defaults[section][key] == value]
+            if before[section][key] == value]
 
 
 def test_finetune_and_seed_state_only_what_differs():

@@ -195,6 +195,8 @@ def test_tinyvoc_refuses_detector_weights_unless_overridden(offline, detector_fi
     with pytest.raises(BackboneWeightsError, match="no network"):  # refusal lifted: it goes on to download
         build_model(allowed.model, 21)
     assert load_config("finetune").model.init == "coco"
+    with pytest.raises(BackboneWeightsError, match="no network"):  # the width COCO's mask head has: accepted
+        build_model(ModelConfig(init="coco", mask_head_channels=256), 21)
 
 
 @pytest.mark.parametrize("override, message", [

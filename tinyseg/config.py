@@ -1,6 +1,7 @@
 """The one config object: dataclasses, loaded from YAML, every field overridable as `section.key=value`.
 
-A preset is a YAML file in tinyseg/configs/ that states only what differs from the defaults below.
+A preset is a YAML file in tinyseg/configs/ that states only what differs from the defaults below, or from
+the config it names as `base:`.
 `--config` takes a preset name or a path; command-line `key=value` pairs are applied last.
 """
 
@@ -224,8 +225,14 @@ def apply_file(config: Config, path: Path, including: list[Path]) -> None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: 'base' must name a preset or a YAML file, got {base!r}")
         nearby = path.parent / base
-        apply_file(config, nearby if nearby.suffix in (".yaml", ".yml") and nearby.exists()
-                   else resolve_config_path(base), [*including, path.resolve()])
+        if nearby.suffix in (".yaml", ".yml") and nearby.is_file():
+            base_path = nearby
+        elif (PRESET_DIR / f"{base}.yaml").is_file():
+            base_path = PRESET_DIR / f"{base}.yaml"
+        else:
+            raise ConfigError(f"{path}: base '{base}' is neither a YAML file beside it ({nearby}) nor a preset; "
+                              f"presets: {', '.join(preset_names())}")
+        apply_file(config, base_path, [*including, path.resolve()])
     apply_dict(config, loaded, source=str(path))
 
 

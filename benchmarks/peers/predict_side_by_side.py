@@ -3,18 +3,20 @@
     N=../shared/datasets/nuclei
     python benchmarks/peers/predict_side_by_side.py --images $N/val.json --image-dir $N/images \
         --checkpoint runs/fast/best.pt --checkpoint runs/scratch/best.pt --no-tta-too \
-        --yolo runs/peer-ultralytics-yolo26n-seg-short-.../train/weights/last.pt --imgsz 384 \
+        --yolo runs/peer-ultralytics-yolo26n-seg-short-.../train/weights/last.pt \
         --rounds 3 --json benchmarks/results/nuclei-predict-side-by-side.json
 
 What is timed, per image, for every model: reading the image file, the network, and the masks as COCO
 compressed RLE at the image's own size, that is, what a user needs for a results file. tinyseg runs as
 `tinyseg predict` does (inference/predictor.py predict_images on one image, the run's own prediction
 settings, TTA as shipped; --no-tta-too adds each checkpoint that ships TTA with TTA off too); YOLO as
-benchmarks/peers/ultralytics_seg.py predicts (conf 0.001, at most predict.max_detections, retina masks).
-Both with every core (Ultralytics would take one of two).
+benchmarks/peers/ultralytics_seg.py predicts (conf 0.001, at most predict.max_detections, retina masks, at
+the size the weights were trained at unless --imgsz). Both in fp32 (Ultralytics has no bf16 on a CPU;
+tinyseg would take bf16 on CPUs that have it natively: --tinyseg-amp auto) and with the same torch threads,
+every core the process may use (Ultralytics would take one of two).
 
-The models take turns: each round runs every model over all images, one model after the other, so that
-a drift of the machine's speed touches them alike. Reported per model: the median over rounds of the
+The models take turns: each round runs every model over all images, one model after the other, starting
+one model later each round, so that a drift of the machine's speed or an order effect touches them alike. Reported per model: the median over rounds of the
 mean s/image, each round's figure, detections per image; per tinyseg model, its ratio to each YOLO model
 (median of the per-round ratios). The first image of every model is predicted once, untimed, before round 1.
 """
@@ -42,14 +44,13 @@ from tinyseg.config import PredictConfig  # noqa: E402
 Runner = Callable[[int], int]  # image index -> detections written
 
 
-def tinyseg_runner(checkpoint: str, tta: bool | None, image_dir: str, images_json: str) -> tuple[Runner, int]:
-    import torch
-
+def tinyseg_runner(checkpoint: str, tta: bool | None, amp: str, image_dir: str, images_json: str
+                   ) -> tuple[Runner, int]:
     from tinyseg.data.dataset import ImageListDataset
     from tinyseg.data.formats import load_dataset
     from tinyseg.inference.predictor import load_model, predict_images
 
-    loaded = load_model(checkpoint, "cpu", {"tta": tta})
+    loaded = load_model(checkpoint, "cpu", {"tta": tta}, amp=amp)
     records = load_dataset(images_json, fmt="coco").images
     dataset = ImageListDataset([(r.image_id, r.file_name) for r in records], image_dir)
     predict = loaded.config.predict
@@ -59,29 +60,31 @@ def tinyseg_runner(checkpoint: str, tta: bool | None, image_dir: str, images_jso
                                indices=[index], progress=False, tta=predict)
         return len(found.results)
 
-    torch.set_num_threads(os.cpu_count() or 1)
     return run, len(records)
 
 
-def yolo_runner(weights: str, imgsz: int, image_dir: str, images_json: str) -> Runner:
+def yolo_runner(weights: str, imgsz: int | None, threads: int, image_dir: str, images_json: str
+                ) -> tuple[Runner, int]:
     from ultralytics import YOLO
     from ultralytics_seg import CONF, results_to_coco, use_threads
 
     from tinyseg.data.formats import load_dataset
     from tinyseg.data.images import image_path
 
-    use_threads(os.cpu_count() or 1)
+    use_threads(threads)  # Ultralytics sets torch's threads itself, at its first predict call
     model = YOLO(weights, task="segment")
+    imgsz = imgsz or int(model.overrides["imgsz"])  # the training size, kept in the weights
     records = load_dataset(images_json, fmt="coco").images
     options = {"conf": CONF, "max_det": PredictConfig.max_detections, "imgsz": imgsz, "retina_masks": True,
                "verbose": False, "device": "cpu"}
+    class_ids = list(range(len(model.names)))
 
     def run(index: int) -> int:
         record = records[index]
         result = model.predict(source=str(image_path(image_dir, record.file_name)), **options)[0]
-        return len(results_to_coco(result, record.image_id, [0] * 1000))
+        return len(results_to_coco(result, record.image_id, class_ids))
 
-    return run
+    return run, imgsz
 
 
 def time_rounds(runners: dict[str, Runner], images: int, rounds: int) -> dict[str, dict[str, Any]]:
@@ -89,8 +92,11 @@ def time_rounds(runners: dict[str, Runner], images: int, rounds: int) -> dict[st
         run(0)  # warm-up: first-call allocations, Ultralytics' model fusing
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     detections: dict[str, int] = {}
+    names = list(runners)
     for round_index in range(rounds):
-        for name, run in runners.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = runners[name]
             count = 0
             start = time.perf_counter()
             for index in range(images):
@@ -110,7 +116,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", action="append", default=[], help="a tinyseg checkpoint (repeatable)")
     parser.add_argument("--no-tta-too", action="store_true", help="also time each checkpoint with TTA off")
     parser.add_argument("--yolo", action="append", default=[], help="Ultralytics weights, .pt (repeatable)")
-    parser.add_argument("--imgsz", type=int, default=384, help="YOLO's prediction size (its training size)")
+    parser.add_argument("--imgsz", type=int, help="YOLO's prediction size (default: the size it was trained at)")
+    parser.add_argument("--tinyseg-amp", default="none", help="tinyseg's precision (train.amp's choices; none = fp32)")
     parser.add_argument("--limit", type=int, default=0, help="the first N images only (0 = all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the result here")
@@ -118,34 +125,42 @@ def main() -> int:
     if not args.checkpoint and not args.yolo:
         parser.error("give at least one --checkpoint or --yolo")
 
+    import torch
+
     from tinyseg.runtime.checkpoint import load_checkpoint
 
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
     runners: dict[str, Runner] = {}
+    yolo_sizes: dict[str, int] = {}
     images = 0
     for checkpoint in args.checkpoint:
         shipped_tta = load_checkpoint(checkpoint)["config"].get("predict", {}).get("tta", False)
         for tta in (None, False) if args.no_tta_too and shipped_tta else (None,):
             name = f"tinyseg {checkpoint}" + (" --no-tta" if tta is False else "")
-            runners[name], images = tinyseg_runner(checkpoint, tta, args.image_dir, args.images)
+            runners[name], images = tinyseg_runner(checkpoint, tta, args.tinyseg_amp, args.image_dir, args.images)
     if args.yolo:
         from ultralytics_seg import offline_env
 
         offline_env(Path(tempfile.mkdtemp(prefix="ultralytics-config-")))
         for weights in args.yolo:
-            runners[f"yolo {weights}"] = yolo_runner(weights, args.imgsz, args.image_dir, args.images)
+            runners[f"yolo {weights}"], yolo_sizes[weights] = yolo_runner(weights, args.imgsz, threads, args.image_dir,
+                                                                         args.images)
     if not images:
         from tinyseg.data.formats import load_dataset
 
         images = len(load_dataset(args.images, fmt="coco").images)
     images = min(images, args.limit) if args.limit else images
     timed = time_rounds(runners, images, args.rounds)
+    threads_used = torch.get_num_threads()
     ratios = {}
     for name, result in timed.items():
         if name.startswith("tinyseg"):
             for peer in (n for n in timed if n.startswith("yolo")):
                 per_round = [mine / theirs for mine, theirs in zip(result["runs"], timed[peer]["runs"])]
                 ratios[f"{name} / {peer}"] = {"median": statistics.median(per_round), "runs": per_round}
-    result = {"images": images, "images_json": args.images, "rounds": args.rounds, "imgsz": args.imgsz,
+    result = {"images": images, "images_json": args.images, "rounds": args.rounds, "yolo_imgsz": yolo_sizes,
+              "tinyseg_amp": args.tinyseg_amp, "torch_threads": threads_used,
               "models": timed, "ratios": ratios, "machine": machine(), "commit": commit()}
     for name, ratio in ratios.items():
         print(f"{name}: {ratio['median']:.2f}x")

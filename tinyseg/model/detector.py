@@ -52,11 +52,10 @@ def check_arch(cfg: ModelConfig, arch: str, norm: str) -> None:
     """torchvision's layouts fix what their weights' shapes fix; anything else set against them is refused."""
     if arch not in TORCHVISION_ARCHS:
         return
-    fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024, "mask_head_convs": 4}
-    if cfg.mask_head_channels:
-        fixed["mask_head_channels"] = 256
+    fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024, "mask_head_convs": 4,
+             "mask_head_channels": 256}
     for key, value in fixed.items():
-        if getattr(cfg, key) != value:
+        if (getattr(cfg, key) or cfg.fpn_channels) != value:  # mask_head_channels 0 = fpn_channels
             raise ConfigError(f"model.arch={arch} (model.init={cfg.init}) needs model.{key}={value}, "
                               f"got {getattr(cfg, key)}; or set model.arch=tinyseg to load only the backbone trunk")
     allowed = ("frozen_bn", "bn", "syncbn")
