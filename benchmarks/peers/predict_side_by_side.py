@@ -109,6 +109,18 @@ def time_rounds(runners: dict[str, Runner], images: int, rounds: int) -> dict[st
                    "detections_per_image": detections[name] / images} for name, runs in seconds.items()}
 
 
+def peer_ratios(timed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each tinyseg model's time over each YOLO model's: the median of the rounds' ratios (a round's two
+    figures were measured minutes apart at most)."""
+    ratios = {}
+    for name, result in timed.items():
+        if name.startswith("tinyseg"):
+            for peer in (n for n in timed if n.startswith("yolo")):
+                per_round = [mine / theirs for mine, theirs in zip(result["runs"], timed[peer]["runs"])]
+                ratios[f"{name} / {peer}"] = {"median": statistics.median(per_round), "runs": per_round}
+    return ratios
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="a COCO file naming the images (its annotations unused)")
@@ -153,12 +165,7 @@ def main() -> int:
     images = min(images, args.limit) if args.limit else images
     timed = time_rounds(runners, images, args.rounds)
     threads_used = torch.get_num_threads()
-    ratios = {}
-    for name, result in timed.items():
-        if name.startswith("tinyseg"):
-            for peer in (n for n in timed if n.startswith("yolo")):
-                per_round = [mine / theirs for mine, theirs in zip(result["runs"], timed[peer]["runs"])]
-                ratios[f"{name} / {peer}"] = {"median": statistics.median(per_round), "runs": per_round}
+    ratios = peer_ratios(timed)
     result = {"images": images, "images_json": args.images, "rounds": args.rounds, "yolo_imgsz": yolo_sizes,
               "tinyseg_amp": args.tinyseg_amp, "torch_threads": threads_used,
               "models": timed, "ratios": ratios, "machine": machine(), "commit": commit()}
