@@ -41,6 +41,7 @@ SETTINGS = {
     "no-tta": {"predict.tta": False},
     "no-tta-proposals-500": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 500},
     "no-tta-proposals-300": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 300},
+    "no-tta-proposals-1000": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 1000},
     "no-tta-score-0.05": {"predict.tta": False, "predict.score_thresh": 0.05},
     "tta-proposals-500": {"model.rpn_post_nms_top_n_test": 500},
     "tta": {"predict.tta": True},
