@@ -44,3 +44,12 @@ def test_models_take_turns_and_ratios_are_per_round(side_by_side, monkeypatch):
     assert timed["yolo b"]["s_per_image"] == pytest.approx(0.2) and timed["tinyseg a"]["detections_per_image"] == 2
     ratio = side_by_side.peer_ratios(timed)["tinyseg a / yolo b"]
     assert ratio["runs"] == pytest.approx([3.0, 2.0, 3.0]) and ratio["median"] == pytest.approx(3.0)
+
+
+def test_random_weights_model_predicts_the_cap_on_real_files(side_by_side, shapes):
+    """--random-weights: the preset's model shape with the overrides, every image at the detection cap."""
+    loaded = side_by_side.random_weights_model("demo model.mask_head_convs=1 predict.max_detections=7", "none")
+    convs = [m for m in loaded.model.roi_heads.mask_head.modules() if m.__class__.__name__ == "Conv2d"]
+    assert len(convs) == 1 and loaded.config.predict.score_thresh == 0
+    run, images = side_by_side.tinyseg_runner(loaded, shapes["images"], shapes["val"])
+    assert images == 4 and [run(i) for i in range(images)] == [7] * images

@@ -7,18 +7,22 @@
         --rounds 3 --json benchmarks/results/nuclei-predict-side-by-side.json
 
 What is timed, per image, for every model: reading the image file, the network, and the masks as COCO
-compressed RLE at the image's own size, that is, what a user needs for a results file. tinyseg runs as
-`tinyseg predict` does (inference/predictor.py predict_images on one image, the run's own prediction
-settings, TTA as shipped; --no-tta-too adds each checkpoint that ships TTA with TTA off too); YOLO as
-benchmarks/peers/ultralytics_seg.py predicts (conf 0.001, at most predict.max_detections, retina masks, at
-the size the weights were trained at unless --imgsz). Both in fp32 (Ultralytics has no bf16 on a CPU;
-tinyseg would take bf16 on CPUs that have it natively: --tinyseg-amp auto) and with the same torch threads,
-every core the process may use (Ultralytics would take one of two).
+compressed RLE at the image's own size, that is, what a user needs for a results file.
+- tinyseg as `tinyseg predict` runs (inference/predictor.py predict_images on one image): a checkpoint
+  with the run's own prediction settings, TTA as shipped (--no-tta-too adds each checkpoint that ships
+  TTA with TTA off too), or a config's model with random weights (--random-weights 'fast-cpu
+  model.fpn_channels=128': what a model shape costs, before training one).
+- YOLO as benchmarks/peers/ultralytics_seg.py predicts: conf 0.001, at most predict.max_detections,
+  retina masks, at the size the weights were trained at unless --imgsz.
+Both in fp32 (Ultralytics has no bf16 on a CPU; tinyseg would take bf16 on CPUs that have it natively:
+--tinyseg-amp auto) and with the same torch threads, every core the process may use (Ultralytics would
+take one of two).
 
 The models take turns: each round runs every model over all images, one model after the other, starting
-one model later each round, so that a drift of the machine's speed or an order effect touches them alike. Reported per model: the median over rounds of the
-mean s/image, each round's figure, detections per image; per tinyseg model, its ratio to each YOLO model
-(median of the per-round ratios). The first image of every model is predicted once, untimed, before round 1.
+one model later each round, so that a drift of the machine's speed or an order effect touches them
+alike. Reported per model: the median over rounds of the mean s/image, each round's figure, detections
+per image; per tinyseg model, its ratio to each YOLO model (the median of the per-round ratios). The
+first image of every model is predicted once, untimed, before round 1.
 """
 
 from __future__ import annotations
@@ -44,13 +48,34 @@ from tinyseg.config import PredictConfig  # noqa: E402
 Runner = Callable[[int], int]  # image index -> detections written
 
 
-def tinyseg_runner(checkpoint: str, tta: bool | None, amp: str, image_dir: str, images_json: str
-                   ) -> tuple[Runner, int]:
+def random_weights_model(spec: str, amp: str):
+    """`PRESET key=value ...` with random weights (seed 0), one class, score threshold 0: every image gets
+    predict.max_detections detections, the most work a model of that shape does (trained nuclei models
+    come close: their images hold up to 375 nuclei)."""
+    import torch
+
+    from tinyseg.config import load_config
+    from tinyseg.data.coco import CategoryMap
+    from tinyseg.inference.predictor import LoadedModel
+    from tinyseg.model import build_model, prepare_for_inference
+    from tinyseg.runtime.precision import resolve_amp
+
+    name, *overrides = spec.split()
+    config = load_config(name, [*overrides, "predict.score_thresh=0"])
+    categories = CategoryMap([1], ["object"])
+    torch.manual_seed(0)
+    model = build_model(config.model, categories.num_classes, load_weights=False, test=config.input,
+                        predict=config.predict).eval()
+    device = torch.device("cpu")
+    prepare_for_inference(model, resolve_amp(amp, device), config.train.channels_last)
+    return LoadedModel(model, categories, config, device)
+
+
+def tinyseg_runner(loaded, image_dir: str, images_json: str) -> tuple[Runner, int]:
     from tinyseg.data.dataset import ImageListDataset
     from tinyseg.data.formats import load_dataset
-    from tinyseg.inference.predictor import load_model, predict_images
+    from tinyseg.inference.predictor import predict_images
 
-    loaded = load_model(checkpoint, "cpu", {"tta": tta}, amp=amp)
     records = load_dataset(images_json, fmt="coco").images
     dataset = ImageListDataset([(r.image_id, r.file_name) for r in records], image_dir)
     predict = loaded.config.predict
@@ -126,6 +151,8 @@ def main() -> int:
     parser.add_argument("--images", required=True, help="a COCO file naming the images (its annotations unused)")
     parser.add_argument("--image-dir", required=True)
     parser.add_argument("--checkpoint", action="append", default=[], help="a tinyseg checkpoint (repeatable)")
+    parser.add_argument("--random-weights", action="append", default=[], metavar="'PRESET [key=value ...]'",
+                        help="a model of that config with random weights and 100 detections an image (repeatable)")
     parser.add_argument("--no-tta-too", action="store_true", help="also time each checkpoint with TTA off")
     parser.add_argument("--yolo", action="append", default=[], help="Ultralytics weights, .pt (repeatable)")
     parser.add_argument("--imgsz", type=int, help="YOLO's prediction size (default: the size it was trained at)")
@@ -134,11 +161,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
-    if not args.checkpoint and not args.yolo:
-        parser.error("give at least one --checkpoint or --yolo")
+    if not args.checkpoint and not args.random_weights and not args.yolo:
+        parser.error("give at least one --checkpoint, --random-weights or --yolo")
 
     import torch
 
+    from tinyseg.inference.predictor import load_model
     from tinyseg.runtime.checkpoint import load_checkpoint
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -150,7 +178,11 @@ def main() -> int:
         shipped_tta = load_checkpoint(checkpoint)["config"].get("predict", {}).get("tta", False)
         for tta in (None, False) if args.no_tta_too and shipped_tta else (None,):
             name = f"tinyseg {checkpoint}" + (" --no-tta" if tta is False else "")
-            runners[name], images = tinyseg_runner(checkpoint, tta, args.tinyseg_amp, args.image_dir, args.images)
+            loaded = load_model(checkpoint, "cpu", {"tta": tta}, amp=args.tinyseg_amp)
+            runners[name], images = tinyseg_runner(loaded, args.image_dir, args.images)
+    for spec in args.random_weights:
+        loaded = random_weights_model(spec, args.tinyseg_amp)
+        runners[f"tinyseg random weights: {spec}"], images = tinyseg_runner(loaded, args.image_dir, args.images)
     if args.yolo:
         from ultralytics_seg import offline_env
 
