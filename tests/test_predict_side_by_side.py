@@ -51,5 +51,8 @@ def test_random_weights_model_predicts_the_cap_on_real_files(side_by_side, shape
     loaded = side_by_side.random_weights_model("demo model.mask_head_convs=1 predict.max_detections=7", "none")
     convs = [m for m in loaded.model.roi_heads.mask_head.modules() if m.__class__.__name__ == "Conv2d"]
     assert len(convs) == 1 and loaded.config.predict.score_thresh == 0
-    run, images = side_by_side.tinyseg_runner(loaded, shapes["images"], shapes["val"])
-    assert images == 4 and [run(i) for i in range(images)] == [7] * images
+    from tinyseg.data.formats import load_dataset
+
+    records = load_dataset(shapes["val"], fmt="coco").images
+    run = side_by_side.tinyseg_runner(loaded, loaded.config.predict, shapes["images"], records)
+    assert len(records) == 4 and [run(i) for i in range(len(records))] == [7] * len(records)

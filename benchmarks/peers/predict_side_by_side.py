@@ -56,50 +56,39 @@ def random_weights_model(spec: str, amp: str):
 
     from tinyseg.config import load_config
     from tinyseg.data.coco import CategoryMap
-    from tinyseg.inference.predictor import LoadedModel
-    from tinyseg.model import build_model, prepare_for_inference
-    from tinyseg.runtime.precision import resolve_amp
+    from tinyseg.inference.predictor import build_for_inference
 
     name, *overrides = spec.split()
-    config = load_config(name, [*overrides, "predict.score_thresh=0"])
-    categories = CategoryMap([1], ["object"])
     torch.manual_seed(0)
-    model = build_model(config.model, categories.num_classes, load_weights=False, test=config.input,
-                        predict=config.predict).eval()
-    device = torch.device("cpu")
-    prepare_for_inference(model, resolve_amp(amp, device), config.train.channels_last)
-    return LoadedModel(model, categories, config, device)
+    return build_for_inference(load_config(name, [*overrides, "predict.score_thresh=0"]), CategoryMap([1], ["object"]),
+                               "cpu", amp)
 
 
-def tinyseg_runner(loaded, image_dir: str, images_json: str) -> tuple[Runner, int]:
+def tinyseg_runner(loaded, predict, image_dir: str, records: list) -> Runner:
+    """loaded: an inference LoadedModel; predict: the PredictConfig it runs with (its TTA setting)."""
     from tinyseg.data.dataset import ImageListDataset
-    from tinyseg.data.formats import load_dataset
     from tinyseg.inference.predictor import predict_images
 
-    records = load_dataset(images_json, fmt="coco").images
     dataset = ImageListDataset([(r.image_id, r.file_name) for r in records], image_dir)
-    predict = loaded.config.predict
 
     def run(index: int) -> int:
         found = predict_images(loaded.model, dataset, loaded.categories, loaded.device, predict.mask_thresh,
                                indices=[index], progress=False, tta=predict)
         return len(found.results)
 
-    return run, len(records)
+    return run
 
 
-def yolo_runner(weights: str, imgsz: int | None, threads: int, image_dir: str, images_json: str
+def yolo_runner(weights: str, imgsz: int | None, threads: int, image_dir: str, records: list
                 ) -> tuple[Runner, int]:
     from ultralytics import YOLO
     from ultralytics_seg import CONF, results_to_coco, use_threads
 
-    from tinyseg.data.formats import load_dataset
     from tinyseg.data.images import image_path
 
     use_threads(threads)  # Ultralytics sets torch's threads itself, at its first predict call
     model = YOLO(weights, task="segment")
     imgsz = imgsz or int(model.overrides["imgsz"])  # the training size, kept in the weights
-    records = load_dataset(images_json, fmt="coco").images
     options = {"conf": CONF, "max_det": PredictConfig.max_detections, "imgsz": imgsz, "retina_masks": True,
                "verbose": False, "device": "cpu"}
     class_ids = list(range(len(model.names)))
@@ -164,37 +153,37 @@ def main() -> int:
     if not args.checkpoint and not args.random_weights and not args.yolo:
         parser.error("give at least one --checkpoint, --random-weights or --yolo")
 
+    import dataclasses
+
     import torch
 
+    from tinyseg.data.formats import load_dataset
     from tinyseg.inference.predictor import load_model
-    from tinyseg.runtime.checkpoint import load_checkpoint
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
+    records = load_dataset(args.images, fmt="coco").images
     runners: dict[str, Runner] = {}
     yolo_sizes: dict[str, int] = {}
-    images = 0
     for checkpoint in args.checkpoint:
-        shipped_tta = load_checkpoint(checkpoint)["config"].get("predict", {}).get("tta", False)
-        for tta in (None, False) if args.no_tta_too and shipped_tta else (None,):
-            name = f"tinyseg {checkpoint}" + (" --no-tta" if tta is False else "")
-            loaded = load_model(checkpoint, "cpu", {"tta": tta}, amp=args.tinyseg_amp)
-            runners[name], images = tinyseg_runner(loaded, args.image_dir, args.images)
+        loaded = load_model(checkpoint, "cpu", amp=args.tinyseg_amp)
+        shipped = loaded.config.predict
+        runners[f"tinyseg {checkpoint}"] = tinyseg_runner(loaded, shipped, args.image_dir, records)
+        if args.no_tta_too and shipped.tta:
+            runners[f"tinyseg {checkpoint} --no-tta"] = tinyseg_runner(loaded, dataclasses.replace(shipped, tta=False),
+                                                                      args.image_dir, records)
     for spec in args.random_weights:
         loaded = random_weights_model(spec, args.tinyseg_amp)
-        runners[f"tinyseg random weights: {spec}"], images = tinyseg_runner(loaded, args.image_dir, args.images)
+        runners[f"tinyseg random weights: {spec}"] = tinyseg_runner(loaded, loaded.config.predict, args.image_dir,
+                                                                   records)
     if args.yolo:
         from ultralytics_seg import offline_env
 
         offline_env(Path(tempfile.mkdtemp(prefix="ultralytics-config-")))
         for weights in args.yolo:
             runners[f"yolo {weights}"], yolo_sizes[weights] = yolo_runner(weights, args.imgsz, threads, args.image_dir,
-                                                                         args.images)
-    if not images:
-        from tinyseg.data.formats import load_dataset
-
-        images = len(load_dataset(args.images, fmt="coco").images)
-    images = min(images, args.limit) if args.limit else images
+                                                                         records)
+    images = min(len(records), args.limit) if args.limit else len(records)
     timed = time_rounds(runners, images, args.rounds)
     threads_used = torch.get_num_threads()
     ratios = peer_ratios(timed)

@@ -42,9 +42,16 @@ def load_model(checkpoint: str, device: str = TrainConfig.device, predict_overri
     categories = CategoryMap.from_dict(state["categories"])
     # The checkpoint holds every weight: the run's architecture (model.init decides its norm and layout),
     # built without downloading or reading any pretrained weights.
+    return build_for_inference(config, categories, device, amp, state.get("ema") or state["model"])
+
+
+def build_for_inference(config: Config, categories: CategoryMap, device: str = TrainConfig.device,
+                        amp: str | None = None, weights: dict | None = None) -> LoadedModel:
+    """config's model in eval mode on `device`, ready for inference; weights: a state dict, None = as built."""
     model = build_model(config.model, categories.num_classes, load_weights=False, test=config.input,
                         predict=config.predict)
-    model.load_state_dict(state.get("ema") or state["model"])
+    if weights is not None:
+        model.load_state_dict(weights)
     target = resolve_device(device)
     model.to(target).eval()
     # channels_last for frozen-BN models; GroupNorm models skip it on CPU (model/for_inference.py).

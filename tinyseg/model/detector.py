@@ -54,14 +54,19 @@ def check_arch(cfg: ModelConfig, arch: str, norm: str) -> None:
         return
     fixed = {"backbone": "resnet50", "fpn_channels": 256, "box_head_dim": 1024, "mask_head_convs": 4,
              "mask_head_channels": 256}
+    built = {key: getattr(cfg, key) for key in fixed} | {"mask_head_channels": mask_head_width(cfg)}
     for key, value in fixed.items():
-        if (getattr(cfg, key) or cfg.fpn_channels) != value:  # mask_head_channels 0 = fpn_channels
+        if built[key] != value:
             raise ConfigError(f"model.arch={arch} (model.init={cfg.init}) needs model.{key}={value}, "
                               f"got {getattr(cfg, key)}; or set model.arch=tinyseg to load only the backbone trunk")
     allowed = ("frozen_bn", "bn", "syncbn")
     if norm not in allowed:
         raise ConfigError(f"model.arch={arch} has BatchNorm weights: model.norm must be auto or one of "
                           f"{', '.join(allowed)}, got {norm}")
+
+
+def mask_head_width(cfg: ModelConfig) -> int:
+    return cfg.mask_head_channels or cfg.fpn_channels  # 0 = as wide as the FPN, Mask R-CNN's layout
 
 
 def check_detector_init_allowed(cfg: ModelConfig, weights: InitWeights | None) -> None:
@@ -204,7 +209,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_weights: bool = True
         head_norm = norm_factory(norm) if arch == "maskrcnn_resnet50_fpn_v2" else None
     else:
         head_norm = None if norm == "frozen_bn" else norm_factory(norm)
-    mask_layers = [cfg.mask_head_channels or channels] * cfg.mask_head_convs
+    mask_layers = [mask_head_width(cfg)] * cfg.mask_head_convs
     mask_head: nn.Module = AmpMaskHeads(channels, mask_layers, 1, norm_layer=head_norm)
     if cfg.mask_head_dropout > 0:
         mask_head = nn.Sequential(OrderedDict(heads=mask_head, dropout=nn.Dropout2d(cfg.mask_head_dropout)))
