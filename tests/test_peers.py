@@ -94,3 +94,24 @@ def test_results_without_detections_or_at_model_resolution(peer):
                     boxes=torch.tensor([[1.0, 1.0, 9.0, 9.0, 0.5, 0.0]]), masks=torch.ones((1, 20, 25)))
     with pytest.raises(ValueError, match="retina_masks"):
         peer.results_to_coco(small, 1, [5])
+
+
+def test_one_epoch_run_skips_ultralytics_own_validation_and_is_scored_by_tinyseg(shapes, tmp_path):
+    """The whole script for real (a subprocess: it sets Ultralytics' environment before importing it), one
+    epoch on the shapes images: Ultralytics' validation after the last epoch and in final_eval, which
+    OOM-killed its defaults setting on nuclei, must not run; tinyseg scores the last weights."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--train-json", str(shapes["train"]), "--val-json",
+                             str(shapes["val"]), "--image-dir", str(shapes["images"]), "--budget-min", "1",
+                             "--epochs", "1", "--setting", "short", "--imgsz", "64", "--workers", "0",
+                             "--run-dir", str(tmp_path / "run"), "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "Validating" not in log and "mAP50-95)" not in log, log[-3000:]  # Ultralytics' validator's banner
+    scored = json.loads(out.read_text())
+    assert scored["optimizer_steps"] >= 1 and scored["iterations"] >= 1
+    assert scored["val_images"] == 4 and (scored["detections"] == 0 or 0 <= scored["segm_AP50"] <= 1)

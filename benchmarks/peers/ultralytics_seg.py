@@ -34,8 +34,10 @@ Settings (--setting):
 
 Common to both settings, and why:
 - pretrained=False, amp=False (Ultralytics' AMP check downloads weights), plots=False, and val=False: no
-  validation during training, which would spend the budget on the reported split. Ultralytics still runs
-  its own validation once after the last epoch (unused, outside train_seconds).
+  validation during training, which would spend the budget on the reported split. Ultralytics would still
+  validate after the last epoch and in its final_eval (unused here, outside train_seconds, and OOM-killed
+  with the defaults setting on a 24 GiB machine): both are skipped (commit after 576e271; earlier runs
+  ran them after training, which does not change what was trained).
 - Both cores: Ultralytics sets torch to os.cpu_count() - 1 threads (one on a 2-core CPU: its
   utils.NUM_THREADS, applied in select_device) and forces data-loading workers to 0 on a CPU. This script
   sets --threads (default: every core) and --workers (default 2, tinyseg's data.num_workers).
@@ -171,6 +173,7 @@ def use_threads(threads: int) -> None:
 
 def train(args: argparse.Namespace, data_yaml: Path, run_dir: Path, train_args: dict[str, Any]) -> dict[str, Any]:
     from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import strip_optimizer
 
     use_threads(args.threads)
     model = YOLO(args.model, task="segment")
@@ -186,6 +189,12 @@ def train(args: argparse.Namespace, data_yaml: Path, run_dir: Path, train_args: 
             state["end"] = time.time()
 
         trainer.optimizer_step = counted_step
+        # Ultralytics validates after the last epoch even with val=False, then again in final_eval, at twice
+        # the training batch with full-size masks: its defaults (640 px, batch 16) were OOM-killed there on
+        # a 24 GiB machine. Those metrics are never used here, so both are skipped; final_eval's stripping of
+        # the optimizer from last.pt (what predict() loads) is kept.
+        trainer.validate = lambda: (trainer.metrics, None)
+        trainer.final_eval = lambda: strip_optimizer(trainer.last) if trainer.last.exists() else None
 
     def on_train_epoch_start(trainer: Any) -> None:
         state["epoch_batches"].append(0)
