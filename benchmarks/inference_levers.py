@@ -32,7 +32,7 @@ from machine_info import commit, machine, write_result  # noqa: E402
 from tinyseg.data.coco import read_json  # noqa: E402
 from tinyseg.evaluation.compare import compare_detections  # noqa: E402
 from tinyseg.data.dataset import ImageListDataset  # noqa: E402
-from tinyseg.inference.export import OnnxModel, export_onnx  # noqa: E402
+from tinyseg.inference.export import OnnxModel, export_onnx, quantize_int8  # noqa: E402
 from tinyseg.inference.jobs import predict_entries, score  # noqa: E402
 from tinyseg.inference.predictor import load_model  # noqa: E402
 
@@ -48,6 +48,8 @@ SETTINGS = {
     # The checkpoint exported to ONNX (--onnx, or exported here), no TTA, run by another runtime.
     "onnxruntime": {"runtime": "onnxruntime"},
     "openvino": {"runtime": "openvino"},
+    # The same export quantized to int8 (tinyseg export --int8-calibration), calibrated on --calibration-json's images.
+    "onnxruntime-int8": {"runtime": "onnxruntime", "int8": True},
 }
 
 
@@ -58,9 +60,9 @@ def subset(gt: dict, count: int) -> dict:
     return {**gt, "images": images, "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
-def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: str = "") -> dict:
+def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: str = "", int8: str = "") -> dict:
     if "runtime" in changes:
-        return run_runtime(onnx, changes, gt, image_dir)
+        return run_runtime(int8 if changes.get("int8") else onnx, changes, gt, image_dir)
     predict = {k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("predict.")}
     loaded = load_model(checkpoint, "cpu", predict)
     proposals = changes.get("model.rpn_post_nms_top_n_test")
@@ -108,6 +110,9 @@ def main() -> int:
                         help="the first is the baseline of the paired comparisons")
     parser.add_argument("--onnx", help="the checkpoint's ONNX export for the runtime settings (default: exported"
                         " next to --json)")
+    parser.add_argument("--calibration-json", help="int8 settings: calibrate on images of this COCO file"
+                        " (training images, never the scored ones), found in --image-dir")
+    parser.add_argument("--calibration-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
@@ -119,9 +124,17 @@ def main() -> int:
     if not onnx and any("runtime" in SETTINGS[name] for name in args.settings):
         onnx = str(Path(args.json or "levers.json").with_suffix(".onnx"))
         export_onnx(args.checkpoint, onnx)
+    int8 = ""
+    if any(SETTINGS[name].get("int8") for name in args.settings):
+        if not args.calibration_json:
+            parser.error("the int8 settings need --calibration-json (training images)")
+        names = sorted(image["file_name"] for image in read_json(args.calibration_json)["images"])
+        step = max(1, len(names) // args.calibration_images)
+        int8 = str(Path(onnx).with_suffix(".int8.onnx"))
+        quantize_int8(onnx, int8, [Path(args.image_dir) / name for name in names[::step][:args.calibration_images]])
     runs = {}
     for name in args.settings:
-        runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir, onnx)
+        runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir, onnx, int8)
         print(f"{name:<24} AP50 {runs[name]['segm_AP50']:.4f} AP {runs[name]['segm_AP']:.4f}"
               f"  {runs[name]['s_per_image_median']:.3f} s/image (median)", flush=True)
     baseline = args.settings[0]
@@ -132,7 +145,7 @@ def main() -> int:
             run["time_ratio_vs_" + baseline] = run["s_per_image_mean"] / runs[baseline]["s_per_image_mean"]
     for run in runs.values():
         del run["_detections"]
-    result = {"checkpoint": args.checkpoint, "gt": args.gt, "images": len(gt["images"]),
+    result = {"checkpoint": args.checkpoint, "gt": args.gt, "calibration_json": args.calibration_json, "images": len(gt["images"]),
               "instances": len(gt["annotations"]), "threads": torch.get_num_threads(), "settings": runs,
               "machine": machine(), "commit": commit()}
     print(json.dumps(result, indent=2))

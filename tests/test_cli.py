@@ -51,6 +51,11 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
                      "--output", str(tmp_path / "x.json"), "--device", "tpu9", check=False)
     assert result.returncode == 2 and "device 'tpu9' is not a device name" in result.stderr
 
+    # a runtime is for exported models; a checkpoint would silently be run by PyTorch instead
+    result = run_cli("predict", "--checkpoint", str(tmp_path / "none.pt"), "--image-dir", str(shapes["images"]),
+                     "--output", str(tmp_path / "x.json"), "--runtime", "openvino", check=False)
+    assert result.returncode == 2 and "tinyseg export" in result.stderr and "--onnx" in result.stderr
+
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
                      str(tmp_path / "run2"), "--image-dir", str(not_a_folder), check=False)

@@ -60,22 +60,21 @@ def test_onnx_matches_pytorch(trained_run, onnx_path):
     assert compared > 0, "no detections above the threshold: the comparison would prove nothing"
 
 
-def test_predict_with_onnx_writes_a_valid_submission(trained_run, onnx_path, tmp_path):
+def _predict_writes_a_valid_submission(trained_run, model_path, out) -> None:
     shapes = trained_run["shapes"]
-    out = tmp_path / "onnx_submission.json"
-    run_cli("predict", "--onnx", str(onnx_path), "--image-dir", str(shapes["images"]), "--images-json",
+    run_cli("predict", "--onnx", str(model_path), "--image-dir", str(shapes["images"]), "--images-json",
             str(shapes["test"]), "--output", str(out))
     run_cli("validate-submission", str(out), "--images-json", str(shapes["test"]))
     assert {e["category_id"] for e in json.loads(out.read_text())} <= {3, 7, 12}
 
 
-def test_openvino_runs_the_onnx_export_as_onnxruntime_does(trained_run, onnx_path):
-    pytest.importorskip("openvino")
-    from tinyseg.inference.export import OnnxModel
+def test_predict_with_onnx_writes_a_valid_submission(trained_run, onnx_path, tmp_path):
+    _predict_writes_a_valid_submission(trained_run, onnx_path, tmp_path / "onnx_submission.json")
 
-    reference, candidate = OnnxModel(str(onnx_path)), OnnxModel(str(onnx_path), runtime="openvino")
+
+def _assert_same_detections(reference, candidate, paths) -> None:
     compared = 0
-    for path in _images(trained_run):  # several image sizes: one compiled model each
+    for path in paths:  # several image sizes: one compiled model each under OpenVINO
         image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
         a, b = reference(image), candidate(image)
         keep_a, keep_b = a["scores"] >= 0.3, b["scores"] >= 0.3
@@ -89,6 +88,66 @@ def test_openvino_runs_the_onnx_export_as_onnxruntime_does(trained_run, onnx_pat
                 assert union == 0 or (ma & mb).sum() / union > 0.98
             compared += int(keep_a.sum())
     assert compared > 0, "no detections above the threshold: the comparison would prove nothing"
+
+
+def test_openvino_runs_the_onnx_export_as_onnxruntime_does(trained_run, onnx_path):
+    pytest.importorskip("openvino")
+    from tinyseg.inference.export import OnnxModel
+
+    _assert_same_detections(OnnxModel(str(onnx_path)), OnnxModel(str(onnx_path), runtime="openvino"),
+                            _images(trained_run))
+
+
+def test_openvino_ir_export_predicts_as_onnxruntime_and_keeps_the_categories(trained_run, onnx_path, tmp_path):
+    pytest.importorskip("openvino")
+    from tinyseg.inference.export import OnnxModel
+
+    xml = tmp_path / "model.xml"
+    run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "openvino", "--output", str(xml))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]  # no temporary files left
+    ir, reference = OnnxModel(str(xml)), OnnxModel(str(onnx_path))
+    assert type(ir.run).__name__ == "_OpenVino"  # the IR picks its runtime by itself
+    assert ir.categories.to_dict() == reference.categories.to_dict() and ir.mask_thresh == reference.mask_thresh
+    _assert_same_detections(reference, ir, _images(trained_run)[:2])
+
+    _predict_writes_a_valid_submission(trained_run, xml, tmp_path / "ir_submission.json")
+    shapes = trained_run["shapes"]
+    result = run_cli("predict", "--onnx", str(xml), "--runtime", "onnxruntime", "--image-dir", str(shapes["images"]),
+                     "--output", str(tmp_path / "x.json"), check=False)
+    assert result.returncode == 2 and "runs with runtime openvino" in result.stderr
+
+
+def test_int8_export_is_quantized_keeps_the_categories_and_predicts(trained_run, onnx_path, tmp_path):
+    import onnx
+    from tinyseg.inference.export import OnnxModel
+
+    shapes, out = trained_run["shapes"], tmp_path / "int8.onnx"
+    run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(out), "--int8-calibration",
+            str(shapes["images"]), "--int8-images", "4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # no temporary files left
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert out.stat().st_size < 0.5 * onnx_path.stat().st_size  # int8 weights: about a quarter
+    int8, fp32 = OnnxModel(str(out)), OnnxModel(str(onnx_path))
+    assert int8.categories.to_dict() == fp32.categories.to_dict()
+    matched = total = 0
+    for path in _images(trained_run)[:4]:
+        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
+        a, b = fp32(image), int8(image)
+        keep_a, keep_b = a["scores"] >= 0.3, b["scores"] >= 0.3
+        total += int(keep_a.sum())
+        if keep_a.any() and keep_b.any():
+            ious = box_iou(a["boxes"][keep_a], b["boxes"][keep_b])
+            same = a["labels"][keep_a][:, None] == b["labels"][keep_b][None, :]
+            matched += int(((ious > 0.7) & same).any(dim=1).sum())
+    assert total > 0 and matched >= 0.5 * total, (matched, total)  # a broken calibration finds nothing
+
+    result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "openvino", "--output",
+                     str(tmp_path / "m.xml"), "--int8-calibration", str(shapes["images"]), check=False)
+    assert result.returncode == 2 and "--format onnx" in result.stderr
+    result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(tmp_path / "m.onnx"),
+                     "--int8-calibration", str(tmp_path / "nowhere"), check=False)
+    assert result.returncode == 1 and "nowhere" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_predict_with_a_missing_runtime_says_what_to_install(trained_run, onnx_path, tmp_path, monkeypatch):

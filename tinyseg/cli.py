@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = verbs.add_parser("predict", help="write a submission JSON for a folder of images")
     predict.add_argument("--checkpoint", help="a tinyseg checkpoint (or give --onnx)")
-    predict.add_argument("--onnx", help="an exported ONNX model (tinyseg export), run without PyTorch's model")
-    predict.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                         help="what runs --onnx (default onnxruntime; openvino: pip install openvino)")
+    predict.add_argument("--onnx", help="an exported model (tinyseg export), run without PyTorch's model: a .onnx"
+                         " file, or OpenVINO's .xml")
+    predict.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                         help="what runs --onnx (default: onnxruntime for .onnx, openvino for .xml;"
+                              " pip install openvino)")
     predict.add_argument("--image-dir", required=True)
     predict.add_argument("--images-json", default="", help="test.json: image ids are looked up by file name")
     predict.add_argument("--output", required=True, help="the submission JSON to write")
@@ -129,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="draw detections from this score (default "
                                 f"{PredictConfig.overlay_score_thresh}, as predict.overlay_score_thresh)")
 
-    export = verbs.add_parser("export", help="export a checkpoint to ONNX (dynamic image size)")
+    export = verbs.add_parser("export", help="export a checkpoint to ONNX (dynamic image size) or OpenVINO IR")
     export.add_argument("checkpoint")
-    export.add_argument("--format", choices=("onnx",), default="onnx")
-    export.add_argument("--output", help="default: the checkpoint's name with .onnx")
+    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                        help="onnx (default), or openvino: IR files M.xml + M.bin (pip install openvino)")
+    export.add_argument("--output", help="default: the checkpoint's name with .onnx (.xml for openvino)")
     export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--int8-calibration", metavar="IMAGE_DIR", default="",
+                        help="quantize the ONNX export to int8 (onnxruntime), calibrated on images in this folder"
+                             " (training images)")
+    export.add_argument("--int8-images", type=int, default=16, help="how many images calibrate int8 (default 16)")
 
     compare = verbs.add_parser("compare", help="B - A in AP/AP50 (per class too) of two detection files on the"
                                                " same images, with a paired bootstrap interval")

@@ -114,20 +114,28 @@ def _predict_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.jobs import PredictJob, predict_checkpoint, predict_onnx
+    from .inference.export import runtime_for
     from .inference.submission import write_image_list, write_submission
     from .runtime import distributed as dist
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise UsageError("give --checkpoint CKPT or --onnx MODEL.onnx")
+    if args.checkpoint and args.runtime:  # silently predicting with PyTorch would time the wrong thing
+        raise UsageError(f"--runtime {args.runtime} runs an exported model: export the checkpoint"
+                         " (tinyseg export CKPT) and give --onnx MODEL.onnx")
     if args.onnx:
         try:
+            runtime = runtime_for(args.onnx, args.runtime)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        try:
             found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh,
-                                          args.mask_thresh, args.runtime)
+                                          args.mask_thresh, runtime)
         except ModuleNotFoundError as error:
             package = (error.name or "").split(".")[0]
             if package not in ("onnx", "onnxruntime", "openvino"):
                 raise
-            raise UsageError(f"--onnx with --runtime {args.runtime} needs the {package} package:"
+            raise UsageError(f"--onnx with --runtime {runtime} needs the {package} package:"
                              f" pip install {package}") from error
     else:
         job = PredictJob(args.checkpoint, args.image_dir, args.images_json, device=args.device,
@@ -254,9 +262,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .inference.export import export_onnx
+    from .inference.export import calibration_images, export
 
-    path = export_onnx(args.checkpoint, args.output or str(Path(args.checkpoint).with_suffix(".onnx")), args.opset)
+    suffix = {"onnx": ".onnx", "openvino": ".xml"}[args.format]
+    if args.int8_calibration and args.format != "onnx":
+        raise UsageError("--int8-calibration quantizes an ONNX export (onnxruntime's quantizer): use --format onnx")
+    try:
+        calibration = calibration_images(args.int8_calibration, args.int8_images) if args.int8_calibration else None
+        path = export(args.checkpoint, args.output or str(Path(args.checkpoint).with_suffix(suffix)), args.format,
+                      args.opset, calibration)
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in ("onnx", "onnxruntime", "openvino"):
+            raise
+        raise UsageError(f"export --format {args.format} needs the {package} package: pip install {package}") from error
     print(f"wrote {path}")
     return 0
 

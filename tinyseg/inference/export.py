@@ -1,11 +1,12 @@
-"""Export a checkpoint to ONNX (dynamic image size) and run the ONNX model with onnxruntime or OpenVINO.
+"""Export a checkpoint to ONNX (dynamic image size) or OpenVINO IR, and run the export with onnxruntime or OpenVINO.
 
 (TorchScript is not offered: torch.jit.script rejects the AMP backbone's annotations, and TorchScript
 is deprecated upstream; ONNX is the portable format.)
 
 The exported graph takes one float RGB image (3, H, W) in [0, 1] and contains the resize, the
 normalisation and the mapping back to the input's pixels, so a caller needs no tinyseg code. The
-category map and prediction settings travel in the ONNX metadata.
+category map and prediction settings travel in the ONNX metadata (metadata_props), and in an IR's
+runtime info under the same keys.
 """
 
 from __future__ import annotations
@@ -27,6 +28,50 @@ from .predictor import load_model, to_coco_results
 
 log = logging.getLogger("tinyseg")
 OUTPUTS = ["boxes", "labels", "scores", "masks"]
+METADATA_KEYS = ("tinyseg_categories", "tinyseg_mask_thresh", "tinyseg_score_thresh")
+
+
+FORMATS = ("onnx", "openvino")
+
+
+def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 17,
+           int8_calibration: list[Path] | None = None) -> Path:
+    """ONNX, or OpenVINO IR (output.xml beside output.bin) converted from the ONNX graph; with
+    int8_calibration (image paths), an ONNX file quantized to int8 on those images (quantize_int8)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if int8_calibration:
+        if format != "onnx":
+            raise ValueError("int8 is an ONNX export (onnxruntime's quantizer): use format onnx")
+        fp32 = Path(output).with_suffix(".fp32.tmp.onnx")
+        try:
+            return quantize_int8(str(export_onnx(checkpoint, str(fp32), opset)), output, int8_calibration)
+        finally:
+            fp32.unlink(missing_ok=True)
+    if format == "onnx":
+        return export_onnx(checkpoint, output, opset)
+    return export_openvino(checkpoint, output, opset)
+
+
+def export_openvino(checkpoint: str, output: str, opset: int = 17) -> Path:
+    import openvino
+
+    xml = Path(output).with_suffix(".xml")
+    onnx_path = xml.with_suffix(".tmp.onnx")
+    try:
+        metadata = _onnx_metadata(export_onnx(checkpoint, str(onnx_path), opset))
+        model = openvino.convert_model(str(onnx_path))
+    finally:
+        onnx_path.unlink(missing_ok=True)
+    for key, value in metadata.items():
+        model.set_rt_info(value, [key])
+    # The IR is two files found by name: the weights go in place first, so a reader of the .xml never
+    # sees a half-written pair; fp32 weights as the ONNX file (save_model would halve them otherwise).
+    temp = xml.with_suffix(".tmp.xml")
+    openvino.save_model(model, str(temp), compress_to_fp16=False)
+    temp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    temp.replace(xml)
+    return xml
 
 
 def export_onnx(checkpoint: str, output: str, opset: int = 17, example_size: tuple[int, int] = (480, 640)) -> Path:
@@ -46,8 +91,8 @@ def export_onnx(checkpoint: str, output: str, opset: int = 17, example_size: tup
                                         "masks": [0, 2, 3]})
     graph = onnx.load(str(temp))
     p = loaded.config.predict
-    metadata = {"tinyseg_categories": json.dumps(loaded.categories.to_dict()),
-                "tinyseg_mask_thresh": str(p.mask_thresh), "tinyseg_score_thresh": str(p.score_thresh)}
+    metadata = dict(zip(METADATA_KEYS, (json.dumps(loaded.categories.to_dict()), str(p.mask_thresh),
+                                        str(p.score_thresh))))
     for key, value in metadata.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
@@ -56,16 +101,82 @@ def export_onnx(checkpoint: str, output: str, opset: int = 17, example_size: tup
     return Path(output)
 
 
+def calibration_images(folder: str, count: int = 16) -> list[Path]:
+    """`count` images of a folder, spread evenly over the sorted names."""
+    from ..data.formats.common import IMAGE_SUFFIXES
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images to calibrate int8 on")
+    return [files[i * len(files) // min(count, len(files))] for i in range(min(count, len(files)))]
+
+
+def quantize_int8(onnx_path: str, output: str, images: list[Path]) -> Path:
+    """Post-training static int8 (onnxruntime.quantization, QDQ) of an exported ONNX file, calibrated on
+    `images` (training images: the ranges the model meets).
+
+    Convolutions and fully connected layers only: RoIAlign, NMS and the paste stay fp32 in the graph.
+    Unsigned activations with signed 7-bit weights (reduce_range) and per-channel scales, as
+    onnxruntime advises for x86 CPUs without VNNI, which saturate 8-bit products; CPUs with VNNI run it too."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from ..data.images import load_rgb
+
+    class Images:  # onnxruntime's CalibrationDataReader protocol
+        def __init__(self):
+            self.paths = iter(images)
+
+        def get_next(self) -> dict | None:
+            path = next(self.paths, None)
+            if path is None:
+                return None
+            pixels = np.asarray(load_rgb(path), dtype=np.float32).transpose(2, 0, 1) / 255
+            return {"image": np.ascontiguousarray(pixels)}
+
+    temp = Path(output).with_suffix(".tmp.onnx")
+    try:
+        quantize_static(onnx_path, temp, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
+        graph = onnx.load(str(temp))
+    finally:
+        temp.unlink(missing_ok=True)
+    del graph.metadata_props[:]  # the source's keys, once, whatever the quantizer kept
+    for key, value in _onnx_metadata(Path(onnx_path)).items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write(output, lambda out: out.write(graph.SerializeToString()))
+    return Path(output)
+
+
 RUNTIMES = ("onnxruntime", "openvino")
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def runtime_for(path: str, runtime: str | None = None) -> str:
+    """The runtime asked for, else the one that reads the file: OpenVINO for its IR (.xml), else onnxruntime."""
+    is_ir = Path(path).suffix == ".xml"
+    if runtime is None:
+        return "openvino" if is_ir else RUNTIMES[0]
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if is_ir and runtime != "openvino":
+        raise ValueError(f"{path} is an OpenVINO model: it runs with runtime openvino, not {runtime}")
+    return runtime
 
 
 class OnnxModel:
     """An exported model run by onnxruntime or OpenVINO; outputs as torchvision's, with the file's category ids."""
 
     def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
-                 runtime: str = RUNTIMES[0]):
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+                 runtime: str | None = None):
+        runtime = runtime_for(path, runtime)
         self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path)
         meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
@@ -117,9 +228,10 @@ class _OpenVino:
         self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def metadata(self) -> dict[str, str]:
-        import onnx  # OpenVINO does not expose the ONNX file's metadata_props
-
-        return {entry.key: entry.value for entry in onnx.load(self.path, load_external_data=False).metadata_props}
+        if Path(self.path).suffix == ".xml":  # an IR from export_openvino: the keys are in its runtime info
+            return {key: self.model.get_rt_info([key]).astype(str) for key in METADATA_KEYS
+                    if self.model.has_rt_info([key])}
+        return _onnx_metadata(Path(self.path))  # OpenVINO does not expose the ONNX file's metadata_props
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         if image.shape in self.compiled:

@@ -140,8 +140,9 @@ def evaluate_checkpoint(job: PredictJob, gt: CocoData, iou_types: tuple[str, ...
 
 
 def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_thresh: float | None = None,
-                 mask_thresh: float | None = None, runtime: str = "onnxruntime") -> tuple[Predictions, list[tuple[int, str]]]:
-    """What predict_checkpoint does, through onnxruntime or OpenVINO: one image at a time, no PyTorch model."""
+                 mask_thresh: float | None = None, runtime: str | None = None) -> tuple[Predictions, list[tuple[int, str]]]:
+    """What predict_checkpoint does, through onnxruntime or OpenVINO (None: the one that reads the file): one image
+    at a time, no PyTorch model."""
     from .export import OnnxModel
 
     model = OnnxModel(model_path, score_thresh, mask_thresh, runtime)
