@@ -32,7 +32,8 @@ from machine_info import commit, machine, write_result  # noqa: E402
 from tinyseg.data.coco import read_json  # noqa: E402
 from tinyseg.evaluation.compare import compare_detections  # noqa: E402
 from tinyseg.data.dataset import ImageListDataset  # noqa: E402
-from tinyseg.inference.export import OnnxModel, export_onnx, quantize_int8  # noqa: E402
+from tinyseg.data.images import image_path  # noqa: E402
+from tinyseg.inference.export import OnnxModel, export_onnx, quantize_int8, spread  # noqa: E402
 from tinyseg.inference.jobs import predict_entries, score  # noqa: E402
 from tinyseg.inference.predictor import load_model  # noqa: E402
 
@@ -129,9 +130,11 @@ def main() -> int:
         if not args.calibration_json:
             parser.error("the int8 settings need --calibration-json (training images)")
         names = sorted(image["file_name"] for image in read_json(args.calibration_json)["images"])
-        step = max(1, len(names) // args.calibration_images)
+        scored = {image["file_name"] for image in gt["images"]}
+        if scored & set(names):
+            parser.error(f"--calibration-json shares {len(scored & set(names))} images with --gt: calibrate on others")
         int8 = str(Path(onnx).with_suffix(".int8.onnx"))
-        quantize_int8(onnx, int8, [Path(args.image_dir) / name for name in names[::step][:args.calibration_images]])
+        quantize_int8(onnx, int8, [image_path(args.image_dir, name) for name in spread(names, args.calibration_images)])
     runs = {}
     for name in args.settings:
         runs[name] = run_setting(args.checkpoint, SETTINGS[name], gt, args.image_dir, onnx, int8)
@@ -145,7 +148,8 @@ def main() -> int:
             run["time_ratio_vs_" + baseline] = run["s_per_image_mean"] / runs[baseline]["s_per_image_mean"]
     for run in runs.values():
         del run["_detections"]
-    result = {"checkpoint": args.checkpoint, "gt": args.gt, "calibration_json": args.calibration_json, "images": len(gt["images"]),
+    result = {"checkpoint": args.checkpoint, "gt": args.gt, "calibration_json": args.calibration_json,
+              "calibration_images": args.calibration_images if int8 else 0, "images": len(gt["images"]),
               "instances": len(gt["annotations"]), "threads": torch.get_num_threads(), "settings": runs,
               "machine": machine(), "commit": commit()}
     print(json.dumps(result, indent=2))

@@ -105,6 +105,7 @@ def test_openvino_ir_export_predicts_as_onnxruntime_and_keeps_the_categories(tra
     xml = tmp_path / "model.xml"
     run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "openvino", "--output", str(xml))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]  # no temporary files left
+    assert xml.with_suffix(".bin").stat().st_size > 0.9 * onnx_path.stat().st_size  # fp32 weights, not halved
     ir, reference = OnnxModel(str(xml)), OnnxModel(str(onnx_path))
     assert type(ir.run).__name__ == "_OpenVino"  # the IR picks its runtime by itself
     assert ir.categories.to_dict() == reference.categories.to_dict() and ir.mask_thresh == reference.mask_thresh
@@ -130,7 +131,7 @@ def test_int8_export_is_quantized_keeps_the_categories_and_predicts(trained_run,
     assert out.stat().st_size < 0.5 * onnx_path.stat().st_size  # int8 weights: about a quarter
     int8, fp32 = OnnxModel(str(out)), OnnxModel(str(onnx_path))
     assert int8.categories.to_dict() == fp32.categories.to_dict()
-    matched = total = 0
+    matched, total, mask_ious = 0, 0, []
     for path in _images(trained_run)[:4]:
         image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
         a, b = fp32(image), int8(image)
@@ -138,13 +139,21 @@ def test_int8_export_is_quantized_keeps_the_categories_and_predicts(trained_run,
         total += int(keep_a.sum())
         if keep_a.any() and keep_b.any():
             ious = box_iou(a["boxes"][keep_a], b["boxes"][keep_b])
-            same = a["labels"][keep_a][:, None] == b["labels"][keep_b][None, :]
-            matched += int(((ious > 0.7) & same).any(dim=1).sum())
+            ious[a["labels"][keep_a][:, None] != b["labels"][keep_b][None, :]] = 0
+            best, partner = ious.max(dim=1)
+            matched += int((best > 0.7).sum())
+            for i in torch.nonzero(best > 0.7).flatten():  # the masks of matched detections, not only the boxes
+                ma, mb = a["masks"][keep_a][i, 0] >= 0.5, b["masks"][keep_b][partner[i], 0] >= 0.5
+                mask_ious.append(float((ma & mb).sum() / (ma | mb).sum().clamp(min=1)))
     assert total > 0 and matched >= 0.5 * total, (matched, total)  # a broken calibration finds nothing
+    assert np.median(mask_ious) > 0.8, mask_ious  # a broken mask head would draw nothing
 
     result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "openvino", "--output",
                      str(tmp_path / "m.xml"), "--int8-calibration", str(shapes["images"]), check=False)
     assert result.returncode == 2 and "--format onnx" in result.stderr
+    result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(tmp_path / "m.onnx"),
+                     "--int8-calibration", str(shapes["images"]), "--int8-images", "0", check=False)
+    assert result.returncode == 2 and "at least 1" in result.stderr and not (tmp_path / "m.onnx").exists()
     result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(tmp_path / "m.onnx"),
                      "--int8-calibration", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 1 and "nowhere" in result.stderr and "Traceback" not in result.stderr

@@ -1,6 +1,6 @@
-"""benchmarks/peers/ultralytics_seg.py's conversions (not its training): COCO -> one YOLO dataset for both
-splits, and Ultralytics' Results -> COCO results that `tinyseg evaluate` scores. Skips without the
-benchmark-only `ultralytics` package (pip install -e ".[peers]")."""
+"""benchmarks/peers/ultralytics_seg.py: its conversions (COCO -> one YOLO dataset for both splits, Ultralytics'
+Results -> COCO results that `tinyseg evaluate` scores) and one one-epoch run of the whole script. Skips
+without the benchmark-only `ultralytics` package (pip install -e ".[peers]")."""
 
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def test_results_without_detections_or_at_model_resolution(peer):
         peer.results_to_coco(small, 1, [5])
 
 
+@pytest.mark.slow
 def test_one_epoch_run_skips_ultralytics_own_validation_and_is_scored_by_tinyseg(shapes, tmp_path):
     """The whole script for real (a subprocess: it sets Ultralytics' environment before importing it), one
     epoch on the shapes images: Ultralytics' validation after the last epoch and in final_eval, which

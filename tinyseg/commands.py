@@ -264,18 +264,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import calibration_images, export
 
-    suffix = {"onnx": ".onnx", "openvino": ".xml"}[args.format]
+    output = args.output or str(Path(args.checkpoint).with_suffix({"onnx": ".onnx", "openvino": ".xml"}[args.format]))
+    if args.format == "openvino" and Path(output).suffix.lower() != ".xml":
+        raise UsageError(f"--output {output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
     if args.int8_calibration and args.format != "onnx":
         raise UsageError("--int8-calibration quantizes an ONNX export (onnxruntime's quantizer): use --format onnx")
+    if args.int8_images < 1:
+        raise UsageError(f"--int8-images must be at least 1, got {args.int8_images}")
+    what = "--int8-calibration" if args.int8_calibration else f"--format {args.format}"
     try:
         calibration = calibration_images(args.int8_calibration, args.int8_images) if args.int8_calibration else None
-        path = export(args.checkpoint, args.output or str(Path(args.checkpoint).with_suffix(suffix)), args.format,
-                      args.opset, calibration)
+        path = export(args.checkpoint, output, args.format, args.opset, calibration)
     except ModuleNotFoundError as error:
         package = (error.name or "").split(".")[0]
         if package not in ("onnx", "onnxruntime", "openvino"):
             raise
-        raise UsageError(f"export --format {args.format} needs the {package} package: pip install {package}") from error
+        raise UsageError(f"export {what} needs the {package} package: pip install {package}") from error
     print(f"wrote {path}")
     return 0
 

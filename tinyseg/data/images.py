@@ -14,6 +14,7 @@ from .coco import DatasetError, ImageRecord, Problem, is_safe_relative
 # pixel counts ourselves against the configured limit instead.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # path -> ((mtime_ns, size), signature): check_image fills it while it has the image open, so the
@@ -23,6 +24,14 @@ _SIGNATURES: dict[str, tuple[tuple[int, int], np.ndarray]] = {}
 
 class ImageLoadError(DatasetError):
     """An image file that is missing, unreadable or unsafe to open."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in a folder, sorted by name; FileNotFoundError naming the folder when none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return files
 
 
 def image_path(image_dir: str | Path, file_name: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..data.coco import CategoryMap
+from ..data.images import list_images
 from ..runtime.checkpoint import CheckpointError
 from ..runtime.files import atomic_write
 from .predictor import load_model, to_coco_results
@@ -36,18 +38,18 @@ FORMATS = ("onnx", "openvino")
 
 def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 17,
            int8_calibration: list[Path] | None = None) -> Path:
-    """ONNX, or OpenVINO IR (output.xml beside output.bin) converted from the ONNX graph; with
+    """ONNX, or OpenVINO IR (NAME.xml beside NAME.bin) converted from the ONNX graph; with
     int8_calibration (image paths), an ONNX file quantized to int8 on those images (quantize_int8)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if int8_calibration:
+    if int8_calibration is not None:
         if format != "onnx":
             raise ValueError("int8 is an ONNX export (onnxruntime's quantizer): use format onnx")
-        fp32 = Path(output).with_suffix(".fp32.tmp.onnx")
-        try:
-            return quantize_int8(str(export_onnx(checkpoint, str(fp32), opset)), output, int8_calibration)
-        finally:
-            fp32.unlink(missing_ok=True)
+        if not int8_calibration:
+            raise ValueError("int8 needs at least one calibration image")
+        with _work_dir(output) as work:
+            fp32 = export_onnx(checkpoint, str(Path(work) / "fp32.onnx"), opset)
+            return quantize_int8(str(fp32), output, int8_calibration)
     if format == "onnx":
         return export_onnx(checkpoint, output, opset)
     return export_openvino(checkpoint, output, opset)
@@ -56,59 +58,83 @@ def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 
 def export_openvino(checkpoint: str, output: str, opset: int = 17) -> Path:
     import openvino
 
-    xml = Path(output).with_suffix(".xml")
-    onnx_path = xml.with_suffix(".tmp.onnx")
-    try:
-        metadata = _onnx_metadata(export_onnx(checkpoint, str(onnx_path), opset))
-        model = openvino.convert_model(str(onnx_path))
-    finally:
-        onnx_path.unlink(missing_ok=True)
-    for key, value in metadata.items():
-        model.set_rt_info(value, [key])
-    # The IR is two files found by name: the weights go in place first, so a reader of the .xml never
-    # sees a half-written pair; fp32 weights as the ONNX file (save_model would halve them otherwise).
-    temp = xml.with_suffix(".tmp.xml")
-    openvino.save_model(model, str(temp), compress_to_fp16=False)
-    temp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-    temp.replace(xml)
+    xml = Path(output)
+    if xml.suffix != ".xml":
+        raise ValueError(f"{output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
+    # Everything temporary in one folder beside the output, gone on success or failure (OpenVINO maps the
+    # traced file's weights until save_model has written them).
+    with _work_dir(output) as work:
+        traced = Path(work) / "traced.onnx"
+        metadata = _trace(checkpoint, traced, opset)
+        model = openvino.convert_model(str(traced))
+        for key, value in metadata.items():
+            model.set_rt_info(value, [key])
+        saved = Path(work) / "model.xml"
+        openvino.save_model(model, str(saved), compress_to_fp16=False)  # fp32 weights, as the ONNX file
+        # Two files found by name: no .xml while the new weights move in, so a reader sees either nothing
+        # or the new pair, never an old .xml with new weights.
+        xml.unlink(missing_ok=True)
+        saved.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+        saved.replace(xml)
     return xml
 
 
-def export_onnx(checkpoint: str, output: str, opset: int = 17, example_size: tuple[int, int] = (480, 640)) -> Path:
+def export_onnx(checkpoint: str, output: str, opset: int = 17) -> Path:
     import onnx
 
-    loaded = load_model(checkpoint, device="cpu", amp="none")
-    model = loaded.model.eval()
-    model.backbone.channels_last = False
-    example = torch.rand(3, *example_size)
-    temp = Path(output).with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's many TracerWarnings are expected for this model
-        # torchvision's detection models export through the TorchScript-based exporter.
-        torch.onnx.export(model, ([example],), str(temp), opset_version=opset, input_names=["image"],
-                          output_names=OUTPUTS, dynamo=False,
-                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0],
-                                        "masks": [0, 2, 3]})
-    graph = onnx.load(str(temp))
-    p = loaded.config.predict
-    metadata = dict(zip(METADATA_KEYS, (json.dumps(loaded.categories.to_dict()), str(p.mask_thresh),
-                                        str(p.score_thresh))))
-    for key, value in metadata.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
-    temp.unlink()
+    with _work_dir(output) as work:
+        traced = Path(work) / "traced.onnx"
+        metadata = _trace(checkpoint, traced, opset)
+        graph = onnx.load(str(traced))
+    _set_metadata(graph, metadata)
     atomic_write(output, lambda out: out.write(graph.SerializeToString()))
     return Path(output)
 
 
+def _trace(checkpoint: str, path: Path, opset: int, example_size: tuple[int, int] = (480, 640)) -> dict[str, str]:
+    """The checkpoint's graph written to path as ONNX; returns the metadata an export carries."""
+    loaded = load_model(checkpoint, device="cpu", amp="none")
+    model = loaded.model.eval()
+    model.backbone.channels_last = False
+    example = torch.rand(3, *example_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's many TracerWarnings are expected for this model
+        # torchvision's detection models export through the TorchScript-based exporter.
+        torch.onnx.export(model, ([example],), str(path), opset_version=opset, input_names=["image"],
+                          output_names=OUTPUTS, dynamo=False,
+                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0],
+                                        "masks": [0, 2, 3]})
+    p = loaded.config.predict
+    return dict(zip(METADATA_KEYS, (json.dumps(loaded.categories.to_dict()), str(p.mask_thresh),
+                                    str(p.score_thresh))))
+
+
+def _work_dir(output: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside the output (same file system: files move in by rename), gone afterwards."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=Path(output).parent, prefix=".tinyseg-export-")
+
+
+def _set_metadata(graph: Any, metadata: dict[str, str]) -> None:
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def calibration_images(folder: str, count: int = 16) -> list[Path]:
     """`count` images of a folder, spread evenly over the sorted names."""
-    from ..data.formats.common import IMAGE_SUFFIXES
+    return spread(list_images(folder), count)
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no images to calibrate int8 on")
-    return [files[i * len(files) // min(count, len(files))] for i in range(min(count, len(files)))]
+
+def spread(items: list, count: int) -> list:
+    """`count` of the items (all if fewer), evenly spaced from the first."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if not items:
+        return []
+    count = min(count, len(items))
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def quantize_int8(onnx_path: str, output: str, images: list[Path]) -> Path:
@@ -134,18 +160,13 @@ def quantize_int8(onnx_path: str, output: str, images: list[Path]) -> Path:
             pixels = np.asarray(load_rgb(path), dtype=np.float32).transpose(2, 0, 1) / 255
             return {"image": np.ascontiguousarray(pixels)}
 
-    temp = Path(output).with_suffix(".tmp.onnx")
-    try:
-        quantize_static(onnx_path, temp, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+    with _work_dir(output) as work:  # the quantizer's files go there too
+        quantized = Path(work) / "int8.onnx"
+        quantize_static(onnx_path, quantized, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
-        graph = onnx.load(str(temp))
-    finally:
-        temp.unlink(missing_ok=True)
-    del graph.metadata_props[:]  # the source's keys, once, whatever the quantizer kept
-    for key, value in _onnx_metadata(Path(onnx_path)).items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
+        graph = onnx.load(str(quantized))
+    _set_metadata(graph, _onnx_metadata(Path(onnx_path)))  # the source's keys, whatever the quantizer kept
     atomic_write(output, lambda out: out.write(graph.SerializeToString()))
     return Path(output)
 
@@ -161,7 +182,7 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
 
 def runtime_for(path: str, runtime: str | None = None) -> str:
     """The runtime asked for, else the one that reads the file: OpenVINO for its IR (.xml), else onnxruntime."""
-    is_ir = Path(path).suffix == ".xml"
+    is_ir = Path(path).suffix.lower() == ".xml"
     if runtime is None:
         return "openvino" if is_ir else RUNTIMES[0]
     if runtime not in RUNTIMES:
@@ -180,7 +201,7 @@ class OnnxModel:
         self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path)
         meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
-            raise CheckpointError(f"{path}: not a tinyseg ONNX export (no category map in its metadata)")
+            raise CheckpointError(f"{path}: not a tinyseg export (no category map in its metadata)")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
@@ -228,7 +249,7 @@ class _OpenVino:
         self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def metadata(self) -> dict[str, str]:
-        if Path(self.path).suffix == ".xml":  # an IR from export_openvino: the keys are in its runtime info
+        if Path(self.path).suffix.lower() == ".xml":  # an IR from export_openvino: the keys are in its runtime info
             return {key: self.model.get_rt_info([key]).astype(str) for key in METADATA_KEYS
                     if self.model.has_rt_info([key])}
         return _onnx_metadata(Path(self.path))  # OpenVINO does not expose the ONNX file's metadata_props

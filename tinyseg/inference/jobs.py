@@ -19,13 +19,11 @@ from ..config import DataConfig, PredictConfig, TrainConfig
 from ..data.coco import CategoryMap, CocoData, DatasetError
 from ..data.dataset import ImageListDataset
 from ..data.formats import load_dataset, resolve_format, val_split
-from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.images import DEFAULT_MAX_PIXELS, list_images
 from ..evaluation.coco_eval import evaluate_detections
 from ..runtime import distributed as dist
 from ..runtime.precision import resolve_device
 from .predictor import LoadedModel, Predictions, load_model, predict_images
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -57,10 +55,7 @@ def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> 
         if data.categories.category_ids:
             categories.check_same(data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
-    files = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {image_dir}")
-    return list(enumerate(files, start=1))
+    return list(enumerate((path.name for path in list_images(image_dir)), start=1))
 
 
 def loader_settings(device: torch.device, batch_size: int, num_workers: int) -> tuple[int, int]:

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from ..coco import ERROR, WARNING, DatasetError, Problem
+from ..images import IMAGE_SUFFIXES
 
 log = logging.getLogger("tinyseg")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 EXIF_ORIENTATION = 0x0112
 
 

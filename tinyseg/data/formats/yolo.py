@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from ..coco import DatasetError, Problem
-from .common import IMAGE_SUFFIXES, CocoBuilder, UnreadableText, absolute, image_root, read_text
+from ..images import IMAGE_SUFFIXES
+from .common import CocoBuilder, UnreadableText, absolute, image_root, read_text
 
 # Normalised coordinates a little outside [0, 1] are rounding; far outside, they are pixels.
 COORD_SLACK = 0.01
