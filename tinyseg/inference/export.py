@@ -59,7 +59,7 @@ def export_openvino(checkpoint: str, output: str, opset: int = 17) -> Path:
     import openvino
 
     xml = Path(output)
-    if xml.suffix != ".xml":
+    if xml.suffix.lower() != ".xml":
         raise ValueError(f"{output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
     # Everything temporary in one folder beside the output, gone on success or failure (OpenVINO maps the
     # traced file's weights until save_model has written them).
