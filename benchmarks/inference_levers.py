@@ -51,6 +51,10 @@ SETTINGS = {
     "openvino": {"runtime": "openvino"},
     # The same export quantized to int8 (tinyseg export --int8-calibration), calibrated on --calibration-json's images.
     "onnxruntime-int8": {"runtime": "onnxruntime", "int8": True},
+    "openvino-int8": {"runtime": "openvino", "int8": True},
+    # OpenVINO's CPU plugin in bf16 (fast only with AVX512-BF16 or AMX; PyTorch's own prediction uses bf16
+    # autocast on the backbone there).
+    "openvino-bf16": {"runtime": "openvino", "precision": "bf16"},
 }
 
 
@@ -82,7 +86,7 @@ def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: 
 
 
 def run_runtime(onnx: str, changes: dict, gt: dict, image_dir: str) -> dict:
-    model = OnnxModel(onnx, runtime=changes["runtime"])
+    model = OnnxModel(onnx, runtime=changes["runtime"], precision=changes.get("precision", "f32"))
     dataset = ImageListDataset([(image["id"], image["file_name"]) for image in gt["images"]], image_dir)
     seconds, detections = [], []
     for index in range(len(dataset)):

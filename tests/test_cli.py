@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 from conftest import TINY, run_cli
+
+from tinyseg.inference.export import ExportOptionError, check_options, export
 
 
 def test_train_predict_validate_evaluate_visualize(shapes, tmp_path):
@@ -55,6 +58,18 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
     result = run_cli("predict", "--checkpoint", str(tmp_path / "none.pt"), "--image-dir", str(shapes["images"]),
                      "--output", str(tmp_path / "x.json"), "--runtime", "openvino", check=False)
     assert result.returncode == 2 and "tinyseg export" in result.stderr and "--onnx" in result.stderr
+
+    # export options are refused before the checkpoint is read (none.pt does not exist), by the CLI and the library
+    for options, message in ((["--format", "openvino", "--output", str(tmp_path / "m.onnx")], "NAME.xml"),
+                             (["--format", "openvino", "--int8-calibration", str(shapes["images"])], "format onnx"),
+                             (["--int8-calibration", str(shapes["images"]), "--int8-images", "0"], "at least 1")):
+        result = run_cli("export", str(tmp_path / "none.pt"), *options, check=False)
+        assert result.returncode == 2 and message in result.stderr and "none.pt" not in result.stderr, result.stderr
+    with pytest.raises(ExportOptionError, match="NAME.xml"):
+        export(str(tmp_path / "none.pt"), str(tmp_path / "m.onnx"), "openvino")
+    with pytest.raises(ExportOptionError, match="at least 1"):
+        export(str(tmp_path / "none.pt"), str(tmp_path / "m.onnx"), int8_calibration=[])
+    check_options(str(tmp_path / "M.XML"), "openvino")  # the suffix in any case, as the CLI takes it
 
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinyseg.data.images import load_rgb
-from tinyseg.inference.predictor import load_model
+from tinyseg.inference.predictor import binary_masks, load_model
 from torchvision.ops import box_iou
 
 from conftest import SHARED, run_cli
@@ -23,6 +23,11 @@ def onnx_path(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "onnx", "--output", str(out))
     return out
+
+
+def _masks(output: dict, image: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool at 0.5: torchvision's full-size masks, or an export's mask_probs pasted into their boxes."""
+    return torch.from_numpy(binary_masks(output, 0.5, tuple(image.shape[-2:]))).permute(2, 0, 1).bool()
 
 
 def _images(trained_run):
@@ -52,12 +57,42 @@ def test_onnx_matches_pytorch(trained_run, onnx_path):
         if keep_r.any():
             ious = box_iou(reference["boxes"][keep_r], exported["boxes"][keep_e]).diagonal()
             assert float(ious.min()) > 0.99
-            for a, b in zip(reference["masks"][keep_r], exported["masks"][keep_e]):
-                ma, mb = (a[0] >= 0.5).numpy(), (b[0] >= 0.5).numpy()
-                union = np.logical_or(ma, mb).sum()
-                assert union == 0 or np.logical_and(ma, mb).sum() / union > 0.98
+            for ma, mb in zip(_masks(reference, image)[keep_r], _masks(exported, image)[keep_e]):
+                union = (ma | mb).sum()
+                assert union == 0 or (ma & mb).sum() / union > 0.98
             compared += int(keep_r.sum())
     assert compared > 0, "no detections above the threshold: the comparison would prove nothing"
+
+
+def test_default_export_leaves_the_paste_out_of_the_graph_and_pasted_masks_agree(trained_run, onnx_path, tmp_path):
+    import onnx
+    from tinyseg.inference.export import OnnxModel
+
+    graph = onnx.load(str(onnx_path)).graph
+    assert [o.name for o in graph.output] == ["boxes", "labels", "scores", "mask_probs"]
+    ops = {node.op_type for node in graph.node}
+    assert "Loop" not in ops  # the per-detection paste: most of onnxruntime's time
+    assert "ScatterElements" not in ops  # torchvision's merge of RoIAlign levels: a fifth of the rest
+    pasted = tmp_path / "pasted.onnx"
+    run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(pasted), "--pasted-masks")
+    assert [o.name for o in onnx.load(str(pasted)).graph.output][-1] == "masks"
+    small, full = OnnxModel(str(onnx_path)), OnnxModel(str(pasted))
+    compared = 0
+    for path in _images(trained_run)[:3]:
+        image = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).float() / 255
+        a, b = small(image), full(image)
+        assert a["mask_probs"].shape[1:] == (1, 28, 28) and b["masks"].shape[2:] == image.shape[1:]
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        # tinyseg's paste gives the graph's pixels (inference/masks.py resizes as torchvision does)
+        ma, mb = _masks(a, image), _masks(b, image)
+        assert ma.shape == mb.shape
+        assert (ma != mb).float().mean() < 1e-3
+        compared += len(ma)
+    assert compared > 0
+    # both give the same COCO results (the masks' pixels are compared above)
+    entries = [small.results(image, 1), full.results(image, 1)]
+    assert [(e["category_id"], e["bbox"], e["segmentation"]["size"]) for e in entries[0]] == \
+        [(e["category_id"], e["bbox"], e["segmentation"]["size"]) for e in entries[1]]
 
 
 def _predict_writes_a_valid_submission(trained_run, model_path, out) -> None:
@@ -83,7 +118,7 @@ def _assert_same_detections(reference, candidate, paths) -> None:
         if keep_a.any():
             assert float(box_iou(a["boxes"][keep_a], b["boxes"][keep_b]).diagonal().min()) > 0.99
             assert torch.allclose(a["scores"][keep_a], b["scores"][keep_b], atol=1e-3)
-            for ma, mb in zip(a["masks"][keep_a, 0] >= 0.5, b["masks"][keep_b, 0] >= 0.5):
+            for ma, mb in zip(_masks(a, image)[keep_a], _masks(b, image)[keep_b]):
                 union = (ma | mb).sum()
                 assert union == 0 or (ma & mb).sum() / union > 0.98
             compared += int(keep_a.sum())
@@ -142,18 +177,19 @@ def test_int8_export_is_quantized_keeps_the_categories_and_predicts(trained_run,
             ious[a["labels"][keep_a][:, None] != b["labels"][keep_b][None, :]] = 0
             best, partner = ious.max(dim=1)
             matched += int((best > 0.7).sum())
+            masks_a, masks_b = _masks(a, image)[keep_a], _masks(b, image)[keep_b]
             for i in torch.nonzero(best > 0.7).flatten():  # the masks of matched detections, not only the boxes
-                ma, mb = a["masks"][keep_a][i, 0] >= 0.5, b["masks"][keep_b][partner[i], 0] >= 0.5
+                ma, mb = masks_a[i], masks_b[partner[i]]
                 mask_ious.append(float((ma & mb).sum() / (ma | mb).sum().clamp(min=1)))
     assert total > 0 and matched >= 0.5 * total, (matched, total)  # a broken calibration finds nothing
     assert np.median(mask_ious) > 0.8, mask_ious  # a broken mask head would draw nothing
 
     result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--format", "openvino", "--output",
                      str(tmp_path / "m.xml"), "--int8-calibration", str(shapes["images"]), check=False)
-    assert result.returncode == 2 and "--format onnx" in result.stderr
+    assert result.returncode == 2 and "format onnx" in result.stderr
     result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(tmp_path / "m.onnx"),
                      "--int8-calibration", str(shapes["images"]), "--int8-images", "0", check=False)
-    assert result.returncode == 2 and "at least 1" in result.stderr and not (tmp_path / "m.onnx").exists()
+    assert result.returncode == 2 and "at least 1 calibration image" in result.stderr and not (tmp_path / "m.onnx").exists()
     result = run_cli("export", str(trained_run["run_dir"] / "best.pt"), "--output", str(tmp_path / "m.onnx"),
                      "--int8-calibration", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 1 and "nowhere" in result.stderr and "Traceback" not in result.stderr

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantize the ONNX export to int8 (onnxruntime), calibrated on images in this folder"
                              " (training images)")
     export.add_argument("--int8-images", type=int, default=16, help="how many images calibrate int8 (default 16)")
+    export.add_argument("--pasted-masks", action="store_true",
+                        help="paste full-size masks inside the graph (output 'masks', N x 1 x H x W) for callers"
+                             " without tinyseg; slower (a loop over detections). Default: the mask head's"
+                             " 'mask_probs' (N x 1 x 28 x 28), pasted into their boxes by tinyseg predict --onnx")
 
     compare = verbs.add_parser("compare", help="B - A in AP/AP50 (per class too) of two detection files on the"
                                                " same images, with a paired bootstrap interval")

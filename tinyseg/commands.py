@@ -262,19 +262,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .inference.export import calibration_images, export
+    from .inference.export import ExportOptionError, calibration_images, check_options, export
 
     output = args.output or str(Path(args.checkpoint).with_suffix({"onnx": ".onnx", "openvino": ".xml"}[args.format]))
-    if args.format == "openvino" and Path(output).suffix.lower() != ".xml":
-        raise UsageError(f"--output {output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
-    if args.int8_calibration and args.format != "onnx":
-        raise UsageError("--int8-calibration quantizes an ONNX export (onnxruntime's quantizer): use --format onnx")
-    if args.int8_images < 1:
-        raise UsageError(f"--int8-images must be at least 1, got {args.int8_images}")
+    try:  # before any tracing: nothing is written
+        check_options(output, args.format, bool(args.int8_calibration), args.int8_images)
+    except ExportOptionError as error:
+        raise UsageError(f"export: {error}") from error
     what = "--int8-calibration" if args.int8_calibration else f"--format {args.format}"
     try:
         calibration = calibration_images(args.int8_calibration, args.int8_images) if args.int8_calibration else None
-        path = export(args.checkpoint, output, args.format, args.opset, calibration)
+        path = export(args.checkpoint, output, args.format, args.opset, calibration, args.pasted_masks)
     except ModuleNotFoundError as error:
         package = (error.name or "").split(".")[0]
         if package not in ("onnx", "onnxruntime", "openvino"):

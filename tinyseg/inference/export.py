@@ -4,9 +4,13 @@
 is deprecated upstream; ONNX is the portable format.)
 
 The exported graph takes one float RGB image (3, H, W) in [0, 1] and contains the resize, the
-normalisation and the mapping back to the input's pixels, so a caller needs no tinyseg code. The
-category map and prediction settings travel in the ONNX metadata (metadata_props), and in an IR's
-runtime info under the same keys.
+normalisation and the mapping of boxes back to the input's pixels. Its masks are, by default, the
+mask head's small probability maps, "mask_probs" (N, 1, M, M), one per box, to be pasted into their
+boxes as torchvision's paste_masks_in_image does (inference/masks.py here): pasting inside the graph is
+a loop over detections that took about three quarters of onnxruntime's time. With pasted_masks the
+graph outputs torchvision's full-size "masks" (N, 1, H, W) itself, for callers without tinyseg code. The
+category map, prediction settings and mask output travel in the ONNX metadata (metadata_props), and in
+an IR's runtime info under the same keys.
 """
 
 from __future__ import annotations
@@ -29,43 +33,59 @@ from ..runtime.files import atomic_write
 from .predictor import load_model, to_coco_results
 
 log = logging.getLogger("tinyseg")
-OUTPUTS = ["boxes", "labels", "scores", "masks"]
-METADATA_KEYS = ("tinyseg_categories", "tinyseg_mask_thresh", "tinyseg_score_thresh")
+OUTPUTS = ["boxes", "labels", "scores"]  # and "mask_probs" or, with pasted masks, "masks"
+METADATA_KEYS = ("tinyseg_categories", "tinyseg_mask_thresh", "tinyseg_score_thresh", "tinyseg_masks")
+
+
+def _outputs(pasted_masks: bool) -> list[str]:
+    return OUTPUTS + ["masks" if pasted_masks else "mask_probs"]
 
 
 FORMATS = ("onnx", "openvino")
 
 
-def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 17,
-           int8_calibration: list[Path] | None = None) -> Path:
-    """ONNX, or OpenVINO IR (NAME.xml beside NAME.bin) converted from the ONNX graph; with
-    int8_calibration (image paths), an ONNX file quantized to int8 on those images (quantize_int8)."""
+class ExportOptionError(ValueError):
+    """Options that cannot make an export, found before anything is traced (the CLI's usage errors)."""
+
+
+def check_options(output: str, format: str = FORMATS[0], int8: bool = False, int8_images: int = 1) -> None:
+    """Raise ExportOptionError for a format, output name or int8 request that export() would refuse."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if int8_calibration is not None:
-        if format != "onnx":
-            raise ValueError("int8 is an ONNX export (onnxruntime's quantizer): use format onnx")
-        if not int8_calibration:
-            raise ValueError("int8 needs at least one calibration image")
+        raise ExportOptionError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "openvino" and Path(output).suffix.lower() != ".xml":
+        raise ExportOptionError(f"{output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
+    if int8 and format != "onnx":
+        raise ExportOptionError("int8 quantizes an ONNX export (onnxruntime's quantizer): use format onnx")
+    if int8 and int8_images < 1:
+        raise ExportOptionError(f"int8 needs at least 1 calibration image, got {int8_images}")
+
+
+def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 17,
+           int8_calibration: list[Path] | None = None, pasted_masks: bool = False) -> Path:
+    """ONNX, or OpenVINO IR (NAME.xml beside NAME.bin) converted from the ONNX graph; with
+    int8_calibration (image paths), an ONNX file quantized to int8 on those images (quantize_int8);
+    pasted_masks: full-size masks pasted in the graph instead of the small "mask_probs" (module docstring)."""
+    int8 = int8_calibration is not None
+    check_options(output, format, int8, len(int8_calibration) if int8 else 1)
+    if int8:
         with _work_dir(output) as work:
-            fp32 = export_onnx(checkpoint, str(Path(work) / "fp32.onnx"), opset)
+            fp32 = export_onnx(checkpoint, str(Path(work) / "fp32.onnx"), opset, pasted_masks)
             return quantize_int8(str(fp32), output, int8_calibration)
     if format == "onnx":
-        return export_onnx(checkpoint, output, opset)
-    return export_openvino(checkpoint, output, opset)
+        return export_onnx(checkpoint, output, opset, pasted_masks)
+    return export_openvino(checkpoint, output, opset, pasted_masks)
 
 
-def export_openvino(checkpoint: str, output: str, opset: int = 17) -> Path:
+def export_openvino(checkpoint: str, output: str, opset: int = 17, pasted_masks: bool = False) -> Path:
     import openvino
 
+    check_options(output, "openvino")
     xml = Path(output)
-    if xml.suffix.lower() != ".xml":
-        raise ValueError(f"{output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
     # Everything temporary in one folder beside the output, gone on success or failure (OpenVINO maps the
     # traced file's weights until save_model has written them).
     with _work_dir(output) as work:
         traced = Path(work) / "traced.onnx"
-        metadata = _trace(checkpoint, traced, opset)
+        metadata = _trace(checkpoint, traced, opset, pasted_masks)
         model = openvino.convert_model(str(traced))
         for key, value in metadata.items():
             model.set_rt_info(value, [key])
@@ -79,34 +99,37 @@ def export_openvino(checkpoint: str, output: str, opset: int = 17) -> Path:
     return xml
 
 
-def export_onnx(checkpoint: str, output: str, opset: int = 17) -> Path:
+def export_onnx(checkpoint: str, output: str, opset: int = 17, pasted_masks: bool = False) -> Path:
     import onnx
 
     with _work_dir(output) as work:
         traced = Path(work) / "traced.onnx"
-        metadata = _trace(checkpoint, traced, opset)
+        metadata = _trace(checkpoint, traced, opset, pasted_masks)
         graph = onnx.load(str(traced))
     _set_metadata(graph, metadata)
     atomic_write(output, lambda out: out.write(graph.SerializeToString()))
     return Path(output)
 
 
-def _trace(checkpoint: str, path: Path, opset: int, example_size: tuple[int, int] = (480, 640)) -> dict[str, str]:
+def _trace(checkpoint: str, path: Path, opset: int, pasted_masks: bool,
+           example_size: tuple[int, int] = (480, 640)) -> dict[str, str]:
     """The checkpoint's graph written to path as ONNX; returns the metadata an export carries."""
     loaded = load_model(checkpoint, device="cpu", amp="none")
     model = loaded.model.eval()
     model.backbone.channels_last = False
+    model.transform.paste_masks = pasted_masks
+    names = _outputs(pasted_masks)
     example = torch.rand(3, *example_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's many TracerWarnings are expected for this model
         # torchvision's detection models export through the TorchScript-based exporter.
         torch.onnx.export(model, ([example],), str(path), opset_version=opset, input_names=["image"],
-                          output_names=OUTPUTS, dynamo=False,
+                          output_names=names, dynamo=False,
                           dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0],
-                                        "masks": [0, 2, 3]})
+                                        names[-1]: [0, 2, 3] if pasted_masks else [0]})
     p = loaded.config.predict
     return dict(zip(METADATA_KEYS, (json.dumps(loaded.categories.to_dict()), str(p.mask_thresh),
-                                    str(p.score_thresh))))
+                                    str(p.score_thresh), names[-1])))
 
 
 def _work_dir(output: str) -> tempfile.TemporaryDirectory:
@@ -172,6 +195,7 @@ def quantize_int8(onnx_path: str, output: str, images: list[Path]) -> Path:
 
 
 RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precision hint; bf16 is fast only on CPUs with AVX512-BF16 or AMX
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
@@ -196,31 +220,40 @@ class OnnxModel:
     """An exported model run by onnxruntime or OpenVINO; outputs as torchvision's, with the file's category ids."""
 
     def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
-                 runtime: str | None = None):
+                 runtime: str | None = None, precision: str = PRECISIONS[0]):
         runtime = runtime_for(path, runtime)
-        self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "f32" and runtime != "openvino":
+            raise ValueError(f"precision {precision} is OpenVINO's (its CPU plugin's bf16): onnxruntime runs f32")
+        self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path, precision)
         meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
             raise CheckpointError(f"{path}: not a tinyseg export (no category map in its metadata)")
+        # Exports from before the key pasted their masks in the graph.
+        self.run.outputs = _outputs(meta.get("tinyseg_masks", "masks") == "masks")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """image: (3, H, W) float in [0, 1]."""
+        """image: (3, H, W) float in [0, 1]. The outputs by name, as the model's in tinyseg's predictor:
+        "mask_probs" for binary_masks to paste (or, from an export with pasted masks, full-size "masks")."""
         # Both runtimes read the buffer as C-contiguous: a permuted (HWC -> CHW) view would be scrambled.
         values = self.run(np.ascontiguousarray(image.numpy(), dtype=np.float32))
-        output = {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, values)}
+        output = {name: torch.from_numpy(value) for name, value in zip(self.run.outputs, values)}
         if self.score_thresh is not None:
             keep = output["scores"] >= self.score_thresh
             output = {k: v[keep] for k, v in output.items()}
         return output
 
     def results(self, image: torch.Tensor, image_id: int) -> list[dict]:
-        return to_coco_results(self(image), image_id, self.categories, self.mask_thresh)
+        return to_coco_results(self(image), image_id, self.categories, self.mask_thresh, tuple(image.shape[-2:]))
 
 
 class _OnnxRuntime:
+    outputs: list[str]  # set by OnnxModel from the file's metadata
+
     def __init__(self, path: str):
         import onnxruntime
 
@@ -230,7 +263,7 @@ class _OnnxRuntime:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(OUTPUTS, {"image": image})
+        return self.session.run(self.outputs, {"image": image})
 
 
 class _OpenVino:
@@ -239,10 +272,12 @@ class _OpenVino:
     photos have many sizes; each compiled model holds its own weights)."""
 
     KEEP = 4
+    outputs: list[str]  # set by OnnxModel from the file's metadata
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, precision: str = PRECISIONS[0]):
         import openvino
 
+        self.precision = precision
         self.core = openvino.Core()
         self.path = str(path)
         self.model = self.core.read_model(self.path)
@@ -260,10 +295,11 @@ class _OpenVino:
         else:
             model = self.model.clone()
             model.reshape({"image": list(image.shape)})
-            # fp32 as the export: on CPUs with bf16 (AVX512-BF16, AMX) the plugin would otherwise pick bf16
-            self.compiled[image.shape] = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            # Asked for, never the plugin's own choice: on CPUs with bf16 (AVX512-BF16, AMX) it would pick bf16
+            self.compiled[image.shape] = self.core.compile_model(model, "CPU",
+                                                                 {"INFERENCE_PRECISION_HINT": self.precision})
             if len(self.compiled) > self.KEEP:
                 self.compiled.popitem(last=False)
         compiled = self.compiled[image.shape]
         values = compiled([image])
-        return [np.asarray(values[compiled.output(name)]) for name in OUTPUTS]
+        return [np.asarray(values[compiled.output(name)]) for name in self.outputs]

@@ -12,13 +12,16 @@ import threading
 import torch
 import torchvision
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 MIN_ROIS_PER_CHUNK = 32  # below this a thread costs more than it saves
 
 
 class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        if torchvision._is_tracing():
+            return self._traced_forward(x, boxes, image_shapes)
         chunks = self._chunk_count(x, boxes)
         if chunks < 2:
             return super().forward(x, boxes, image_shapes)
@@ -42,6 +45,23 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
             raise RuntimeError("RoIAlign failed in a worker thread (see the traceback above)")
         per_image = [part.split([len(split[i]) for split in splits]) for i, part in enumerate(parts)]
         return torch.cat([piece for image in zip(*per_image) for piece in image])
+
+    def _traced_forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """torchvision's multi-scale RoIAlign for ONNX, with the levels merged by one row gather instead of
+        torchvision's scatter of every element (ScatterElements: a fifth of onnxruntime's time per image)."""
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        pooled, order = [], []
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            rows = torch.where(levels == level)[0]
+            pooled.append(roi_align(feature, rois[rows], self.output_size, scale, self.sampling_ratio))
+            order.append(rows)
+        # The rows come level by level; sorting their original indices puts them back in the RoIs' order.
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
     @staticmethod
     def _chunk_count(x: dict[str, Tensor], boxes: list[Tensor]) -> int:
