@@ -13,7 +13,7 @@ from tinyseg.config import InputConfig, ModelConfig, PredictConfig
 from tinyseg.data.coco import CategoryMap
 from tinyseg.inference.masks import encode_masks, paste_masks_binary
 from tinyseg.inference.predictor import to_coco_results
-from tinyseg.model import build_model, prepare_for_inference
+from tinyseg.model import build_model, prepare_for_inference, set_precision
 from tinyseg.model.for_inference import fold_frozen_batchnorm
 from tinyseg.model.roi_pool import ParallelMultiScaleRoIAlign
 
@@ -83,9 +83,17 @@ def test_prepared_model_finds_the_same_detections(channels_last):
 
 
 def test_group_norm_models_skip_channels_last_on_cpu():
-    model = build_model(ModelConfig(backbone="resnet18", init="none", norm="gn", fpn_channels=32, box_head_dim=64), 4)
+    gn = ModelConfig(backbone="resnet18", init="none", norm="gn", fpn_channels=32, box_head_dim=64)
+    model = build_model(gn, 4)
     prepare_for_inference(model, None, True)
     assert not model.backbone.channels_last
+    model = build_model(gn, 4).train()  # as the trainer sets it: slower channels-last in training too
+    set_precision(model, None, True)
+    assert not model.backbone.channels_last
+    assert model.backbone.body.conv1.weight.is_contiguous()
+    model = frozen_bn_model().train()
+    set_precision(model, None, True)
+    assert model.backbone.channels_last
 
 
 def test_bf16_inference_keeps_heads_outputs_in_fp32():

@@ -123,7 +123,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | none | bf16 | fp16; auto = bf16 on CPUs that have it, fp16 on CUDA
-    channels_last: bool = True
+    channels_last: bool = True  # the backbone channels-last; not for GroupNorm models on a CPU (slower there)
     seed: int = 0
     deterministic: bool = False
     eval_every: int = 1  # epochs; 0 = only at the end

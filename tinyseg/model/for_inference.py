@@ -24,12 +24,8 @@ def prepare_for_inference(model: nn.Module, amp_dtype: torch.dtype | None, chann
     Only for a model that will not be trained again: the weights change form (not values).
     """
     fold_frozen_batchnorm(model.backbone.body)
-    # On CPU, channels_last speeds up a folded frozen-BN model but slows a GroupNorm one: GroupNorm is
-    # slow channels-last on CPU (benchmarks/README.md, "Each speed-up alone").
-    has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    channels_last = channels_last and not (has_group_norm and _on_cpu(model))
-    set_precision(model, amp_dtype, channels_last)
-    if channels_last:
+    set_precision(model, amp_dtype, channels_last)  # which leaves GroupNorm models on a CPU contiguous
+    if model.backbone.channels_last:
         conv_heads_channels_last(model)
     if amp_dtype is not None:
         cast_autocast_weights(model, amp_dtype)
@@ -45,10 +41,6 @@ def conv_heads_channels_last(model: nn.Module) -> None:
     for head in (model.rpn.head, model.roi_heads.mask_head, model.roi_heads.mask_predictor):
         if head is not None:
             head.to(memory_format=torch.channels_last)
-
-
-def _on_cpu(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cpu"
 
 
 @torch.no_grad()
