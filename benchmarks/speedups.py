@@ -6,12 +6,16 @@ Same model (R50-FPN, frozen BN, random weights), image size (512 px) and real im
 Variants run in turn, `--repeats` times each (round-robin, so drifts in machine speed hit all alike);
 the table gives each variant's median and its speed relative to tinyseg's full settings. Also measured:
 the training data loader alone, with augmentation, against the model's training speed, so that a
-loader that would starve the model shows up.
+loader that would starve the model shows up; and (--only preset-train) the training step of a CPU
+preset's own model, data and settings on nuclei (`--preset`, default fast-cpu: GroupNorm, from scratch),
+with the levers a CPU without a GPU has: bf16, channels_last, torch.compile (inductor) of the trunk and
+FPN, fewer sampled RoIs per image (the box loss samples them; the mask loss runs on their positives).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -40,6 +44,16 @@ TRAIN_VARIANTS = {
     "loader in the main process": {"workers": 0},
     "masks re-converted to RLE on every access": {"no_mask_cache": True},
 }
+PRESET_TRAIN_VARIANTS = {
+    "tinyseg": {},
+    "fp32 (no bf16 autocast)": {"amp": "none"},
+    "no channels_last": {"channels_last": False},
+    "fp32, no channels_last": {"amp": "none", "channels_last": False},
+    "torch.compile trunk+FPN (inductor)": {"compile_backbone": True},
+    "128 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=128",)},
+    "64 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=64",)},
+}
+PRESET_STEPS, PRESET_WARMUP = 10, 3  # whole nuclei images vary in size: a warm-up covers the compiler's recompile
 PREDICT_VARIANTS = {
     "tinyseg": {},
     "fp32 (no bf16 anywhere)": {"amp": None},
@@ -94,6 +108,44 @@ def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=Fa
     set_precision(model, amp, channels_last)
     loader = training_loader(workers, no_mask_cache)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    step = training_step(model, loader, optimizer)
+    step()  # warm-up
+    return TRAIN_STEPS * 2 / timed(lambda: [step() for _ in range(TRAIN_STEPS)])
+
+
+def preset_train_speed(preset: str, amp: str | None = None, channels_last: bool | None = None,
+                       compile_backbone: bool = False, overrides: tuple[str, ...] = ()) -> float:
+    """Images/s of the preset's training step (batch 1 as the CPU presets train) on nuclei train images."""
+    from tinyseg.config import load_config
+    from tinyseg.data.augment import build as build_augmentation
+    from tinyseg.data.coco import load_coco
+    from tinyseg.data.dataset import InstanceDataset, collate
+    from tinyseg.model import build_model, set_precision
+    from tinyseg.runtime.precision import resolve_amp
+    from tinyseg.training.optim import build_optimizer
+
+    cfg = load_config(preset, [*overrides, *([f"train.amp={amp}"] if amp else [])])
+    data = load_coco(NUCLEI / "train.json")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data.categories.num_classes, test=cfg.input, predict=cfg.predict).train()
+    set_precision(model, resolve_amp(cfg.train.amp, torch.device("cpu")),
+                  cfg.train.channels_last if channels_last is None else channels_last)
+    if compile_backbone:  # in place: the module keeps its parameter names (a checkpoint would load as before)
+        model.backbone.body.compile(dynamic=True)
+        model.backbone.fpn.compile(dynamic=True)
+    dataset = InstanceDataset(data.images[:PRESET_STEPS + PRESET_WARMUP], NUCLEI / "images", data.categories,
+                              build_augmentation(cfg.input).sample)
+    dataset.cache_masks()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate)
+    optimizer = build_optimizer(model, cfg.solver)
+    step = training_step(model, loader, optimizer)
+    for _ in range(PRESET_WARMUP):
+        step()
+    return PRESET_STEPS / timed(lambda: [step() for _ in range(PRESET_STEPS)])
+
+
+def training_step(model, loader, optimizer):
+    """One optimizer step on the loader's next batch, as a function (the loader restarts when spent)."""
     batches = iter(_forever(loader))
 
     def step() -> None:
@@ -103,8 +155,7 @@ def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=Fa
         sum(losses.values()).backward()
         optimizer.step()
 
-    step()  # warm-up
-    return TRAIN_STEPS * 2 / timed(lambda: [step() for _ in range(TRAIN_STEPS)])
+    return step
 
 
 def _forever(loader):
@@ -164,7 +215,12 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
 
 
 # -- the table -----------------------------------------------------------------------------------
-def measure(variants: dict, function, repeats: int, title: str) -> dict:
+def measure(variants: dict, function, repeats: int, title: str, only: list[str] | None = None) -> dict:
+    if only:
+        unknown = set(only) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(variants)}")
+        variants = {name: options for name, options in variants.items() if name == "tinyseg" or name in only}
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, options in variants.items():
@@ -182,7 +238,10 @@ def measure(variants: dict, function, repeats: int, title: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=["train", "predict", "loader"])
+    parser.add_argument("--only", choices=["train", "predict", "loader", "preset-train"])
+    parser.add_argument("--preset", default="fast-cpu", help="--only preset-train: the preset whose training step is measured")
+    parser.add_argument("--variants", nargs="+", help="--only preset-train: only these variants (names as in the table; tinyseg's own"
+                        " settings are always run, as the baseline)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not VOC.exists() or not NUCLEI.exists():
@@ -193,6 +252,10 @@ def main() -> int:
     results: dict = {"machine": machine(), "commit": commit(), "size": SIZE, "repeats": args.repeats}
     if args.only in (None, "train"):
         results["train"] = measure(TRAIN_VARIANTS, train_speed, args.repeats, "training step (batch 2)")
+    if args.only == "preset-train":  # not in the default set: a preset's own model, not the R50 of the rest
+        results["preset"] = args.preset
+        results["preset_train"] = measure(PRESET_TRAIN_VARIANTS, functools.partial(preset_train_speed, args.preset),
+                                          args.repeats, f"{args.preset}'s training step on nuclei (batch 1)", args.variants)
     if args.only in (None, "predict"):
         results["predict"] = measure(PREDICT_VARIANTS, predict_speed, args.repeats, "prediction to a submission")
     if args.only in (None, "loader"):
