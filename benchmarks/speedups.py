@@ -47,8 +47,8 @@ TRAIN_VARIANTS = {
 PRESET_TRAIN_VARIANTS = {
     "tinyseg": {},
     "fp32 (no bf16 autocast)": {"amp": "none"},
-    "no channels_last": {"channels_last": False},
-    "fp32, no channels_last": {"amp": "none", "channels_last": False},
+    # set_precision keeps GroupNorm models channels-first on a CPU since 89bfab1; this forces the old layout
+    "channels_last forced (as before 89bfab1)": {"force_channels_last": True},
     "torch.compile trunk+FPN (inductor)": {"compile_backbone": True},
     "128 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=128",)},
     "64 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=64",)},
@@ -113,7 +113,7 @@ def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=Fa
     return TRAIN_STEPS * 2 / timed(lambda: [step() for _ in range(TRAIN_STEPS)])
 
 
-def preset_train_speed(preset: str, amp: str | None = None, channels_last: bool | None = None,
+def preset_train_speed(preset: str, amp: str | None = None, force_channels_last: bool = False,
                        compile_backbone: bool = False, overrides: tuple[str, ...] = ()) -> float:
     """Images/s of the preset's training step (batch 1 as the CPU presets train) on nuclei train images."""
     from tinyseg.config import load_config
@@ -128,8 +128,10 @@ def preset_train_speed(preset: str, amp: str | None = None, channels_last: bool 
     data = load_coco(NUCLEI / "train.json")
     torch.manual_seed(0)
     model = build_model(cfg.model, data.categories.num_classes, test=cfg.input, predict=cfg.predict).train()
-    set_precision(model, resolve_amp(cfg.train.amp, torch.device("cpu")),
-                  cfg.train.channels_last if channels_last is None else channels_last)
+    set_precision(model, resolve_amp(cfg.train.amp, torch.device("cpu")), cfg.train.channels_last)
+    if force_channels_last:
+        model.backbone.channels_last = True
+        model.backbone.to(memory_format=torch.channels_last)
     if compile_backbone:  # in place: the module keeps its parameter names (a checkpoint would load as before)
         model.backbone.body.compile(dynamic=True)
         model.backbone.fpn.compile(dynamic=True)

@@ -88,11 +88,34 @@ def test_default_export_leaves_the_paste_out_of_the_graph_and_pasted_masks_agree
         assert ma.shape == mb.shape
         assert (ma != mb).float().mean() < 1e-3
         compared += len(ma)
+        # both give the same COCO results (the masks' pixels are compared above)
+        entries = [small.results(image, 1), full.results(image, 1)]
+        assert [(e["category_id"], e["bbox"]) for e in entries[0]] == [(e["category_id"], e["bbox"]) for e in entries[1]]
+    # an export from before the tinyseg_masks key (it pasted in the graph) is read as such
+    old = onnx.load(str(pasted))
+    kept = [entry for entry in old.metadata_props if entry.key != "tinyseg_masks"]
+    del old.metadata_props[:]
+    old.metadata_props.extend(kept)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert OnnxModel(str(tmp_path / "old.onnx")).results(image, 1) == full.results(image, 1)
     assert compared > 0
-    # both give the same COCO results (the masks' pixels are compared above)
-    entries = [small.results(image, 1), full.results(image, 1)]
-    assert [(e["category_id"], e["bbox"], e["segmentation"]["size"]) for e in entries[0]] == \
-        [(e["category_id"], e["bbox"], e["segmentation"]["size"]) for e in entries[1]]
+
+
+def test_gn_roi_heads_export_runs_on_an_image_without_detections(tmp_path):
+    """A GroupNorm mask head meets zero RoIs when nothing is detected; onnxruntime failed to size its reshape."""
+    import onnxruntime
+    from tinyseg.config import ModelConfig
+    from tinyseg.model import build_model
+
+    head = build_model(ModelConfig(backbone="resnet18", init="none", norm="gn", fpn_channels=32, box_head_dim=64),
+                       4).roi_heads.mask_head.eval()
+    path, rois = tmp_path / "head.onnx", torch.rand(3, 32, 14, 14)
+    torch.onnx.export(head, (rois,), str(path), input_names=["rois"], output_names=["out"], dynamo=False,
+                      dynamic_axes={"rois": [0], "out": [0]})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"rois": rois.numpy()})[0], head(rois).numpy(), atol=1e-4)
+    assert session.run(None, {"rois": np.zeros((0, 32, 14, 14), np.float32)})[0].shape[0] == 0
 
 
 def _predict_writes_a_valid_submission(trained_run, model_path, out) -> None:

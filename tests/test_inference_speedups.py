@@ -150,3 +150,17 @@ def test_amp_choice_reaches_the_loaded_model(trained_run):
     bf16 = load_model(checkpoint, "cpu", amp="bf16").model
     assert bf16.roi_heads.box_head.amp_dtype == torch.bfloat16
     assert bf16.roi_heads.box_head.fc6.weight.dtype == torch.bfloat16
+
+
+def test_traced_roi_align_merges_the_levels_in_the_rois_order():
+    """The ONNX path's gather merge gives torchvision's pooled rows, for boxes on every FPN level."""
+    torch.manual_seed(0)
+    features = {str(level): torch.rand(1, 8, 64 >> level, 80 >> level) for level in range(4)}
+    corners = torch.rand(60, 2) * torch.tensor([200.0, 150.0])
+    sizes = torch.rand(60, 1) * 500 + 4  # small to large: levels 0 to 3 (level 3 from 448 px on)
+    boxes = [torch.cat([corners, corners + sizes], dim=1)]
+    reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    merged = ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = reference(features, boxes, [(256, 320)])
+    assert len(set(reference.map_levels(boxes).tolist())) == 4
+    torch.testing.assert_close(merged._traced_forward(features, boxes, [(256, 320)]), expected)

@@ -164,7 +164,7 @@ def quantize_int8(onnx_path: str, output: str, images: list[Path]) -> Path:
     """Post-training static int8 (onnxruntime.quantization, QDQ) of an exported ONNX file, calibrated on
     `images` (training images: the ranges the model meets).
 
-    Convolutions and fully connected layers only: RoIAlign, NMS and the paste stay fp32 in the graph.
+    Convolutions and fully connected layers only: RoIAlign, NMS (and a pasted-masks export's paste) stay fp32.
     Unsigned activations with signed 7-bit weights (reduce_range) and per-channel scales, as
     onnxruntime advises for x86 CPUs without VNNI, which saturate 8-bit products; CPUs with VNNI run it too."""
     import onnx
@@ -217,7 +217,8 @@ def runtime_for(path: str, runtime: str | None = None) -> str:
 
 
 class OnnxModel:
-    """An exported model run by onnxruntime or OpenVINO; outputs as torchvision's, with the file's category ids."""
+    """An exported model run by onnxruntime or OpenVINO: outputs by name as tinyseg's predictor has them
+    ("mask_probs" for binary_masks, or a pasted-masks export's full-size "masks"), with the file's category ids."""
 
     def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
                  runtime: str | None = None, precision: str = PRECISIONS[0]):
@@ -230,8 +231,10 @@ class OnnxModel:
         meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
             raise CheckpointError(f"{path}: not a tinyseg export (no category map in its metadata)")
-        # Exports from before the key pasted their masks in the graph.
-        self.run.outputs = _outputs(meta.get("tinyseg_masks", "masks") == "masks")
+        masks = meta.get("tinyseg_masks", "masks")  # exports from before the key pasted their masks in the graph
+        if masks not in ("masks", "mask_probs"):
+            raise CheckpointError(f"{path}: unknown mask output {masks!r} (tinyseg_masks): exported by a newer tinyseg?")
+        self.run.outputs = _outputs(masks == "masks")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh

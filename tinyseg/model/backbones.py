@@ -95,14 +95,29 @@ class FrozenBatchNorm2d(misc_ops.FrozenBatchNorm2d):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
 
 
-def norm_factory(norm: str, frozen_eps: float = 1e-5) -> NormLayer:
+class RoiGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm for the RoI heads, whose ONNX export also runs on no rows: the exporter reshapes the
+    rows to (N, groups, -1), which onnxruntime cannot size when N is 0, as in the mask head for an
+    image without detections. Traced, one blank row is added and dropped again, which keeps the
+    exporter's InstanceNormalization (a pooled formulation without the reshape was slower in both
+    runtimes). The backbone keeps nn.GroupNorm: it always sees one image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torchvision._is_tracing():
+            return super().forward(x)
+        rows = x.shape[0]
+        return super().forward(torch.cat([x, x.new_zeros(1, *x.shape[1:])]))[:rows]
+
+
+def norm_factory(norm: str, frozen_eps: float = 1e-5, roi_heads: bool = False) -> NormLayer:
     if norm == "frozen_bn":
         return FrozenBatchNorm2d if frozen_eps == 1e-5 else functools.partial(FrozenBatchNorm2d, eps=frozen_eps)
     if norm in ("bn", "syncbn"):
         return nn.BatchNorm2d  # syncbn: converted once the process group exists (runtime/distributed.py)
     if norm == "gn":
         # The largest group count up to 32 that divides the channels: RegNets have widths such as 104.
-        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
+        group_norm = RoiGroupNorm if roi_heads else nn.GroupNorm
+        return lambda channels: group_norm(math.gcd(32, channels), channels)
     raise ValueError(f"unknown norm '{norm}'")
 
 

@@ -206,9 +206,9 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_weights: bool = True
     backbone = build_backbone(cfg, arch, norm, None if whole else weights)
     channels = cfg.fpn_channels
     if arch in TORCHVISION_ARCHS:
-        head_norm = norm_factory(norm) if arch == "maskrcnn_resnet50_fpn_v2" else None
+        head_norm = norm_factory(norm, roi_heads=True) if arch == "maskrcnn_resnet50_fpn_v2" else None
     else:
-        head_norm = None if norm == "frozen_bn" else norm_factory(norm)
+        head_norm = None if norm == "frozen_bn" else norm_factory(norm, roi_heads=True)
     mask_layers = [mask_head_width(cfg)] * cfg.mask_head_convs
     mask_head: nn.Module = AmpMaskHeads(channels, mask_layers, 1, norm_layer=head_norm)
     if cfg.mask_head_dropout > 0:

@@ -66,7 +66,7 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
     @staticmethod
     def _chunk_count(x: dict[str, Tensor], boxes: list[Tensor]) -> int:
         first = next(iter(x.values()))
-        if first.device.type != "cpu" or torch.is_grad_enabled() or torchvision._is_tracing():
+        if first.device.type != "cpu" or torch.is_grad_enabled():
             return 1
         rois = sum(len(b) for b in boxes)
         return max(1, min(torch.get_num_threads(), rois // MIN_ROIS_PER_CHUNK))
