@@ -71,6 +71,17 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
         export(str(tmp_path / "none.pt"), str(tmp_path / "m.onnx"), int8_calibration=[])
     check_options(str(tmp_path / "M.XML"), "openvino")  # the suffix in any case, as the CLI takes it
 
+    # an exported model that is missing, or not a model, is named in one line (it was onnxruntime's traceback)
+    not_a_model = tmp_path / "notes.onnx"
+    not_a_model.write_text("not a model")
+    for model, runtime, message in ((tmp_path / "none.onnx", "onnxruntime", "exported model not found"),
+                                    (not_a_model, "onnxruntime", "onnxruntime cannot read it"),
+                                    (not_a_model, "openvino", "openvino cannot read it")):
+        result = run_cli("predict", "--onnx", str(model), "--runtime", runtime, "--image-dir", str(shapes["images"]),
+                         "--output", str(tmp_path / "x.json"), check=False, process=True)
+        assert result.returncode == 2 and f"{model}: {message}" in result.stderr, result.stderr  # as a missing checkpoint
+        assert "Traceback" not in result.stderr
+
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
                      str(tmp_path / "run2"), "--image-dir", str(not_a_folder), check=False)

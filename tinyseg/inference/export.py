@@ -227,7 +227,15 @@ class OnnxModel:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision != "f32" and runtime != "openvino":
             raise ValueError(f"precision {precision} is OpenVINO's (its CPU plugin's bf16): onnxruntime runs f32")
-        self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path, precision)
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path}: exported model not found")
+        try:
+            self.run = _OnnxRuntime(path) if runtime == "onnxruntime" else _OpenVino(path, precision)
+        except ImportError:
+            raise
+        except Exception as error:  # each runtime raises its own types for a file it cannot read
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{path}: {runtime} cannot read it as a model ({first_line})") from error
         meta = self.run.metadata()
         if "tinyseg_categories" not in meta:
             raise CheckpointError(f"{path}: not a tinyseg export (no category map in its metadata)")
