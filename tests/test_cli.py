@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import TINY, run_cli
 
+from tinyseg.commands import describe
 from tinyseg.inference.export import ExportOptionError, check_options, export
 
 
@@ -81,6 +82,14 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
                          "--output", str(tmp_path / "x.json"), check=False, process=True)
         assert result.returncode == 2 and f"{model}: {message}" in result.stderr, result.stderr  # as a missing checkpoint
         assert "Traceback" not in result.stderr
+
+    # an export given where a checkpoint belongs (torch.load called it pickled code), a missing image folder
+    result = run_cli("predict", "--checkpoint", str(not_a_model), "--image-dir", str(shapes["images"]),
+                     "--output", str(tmp_path / "x.json"), check=False)
+    assert result.returncode == 2 and "an exported model, not a checkpoint" in result.stderr, result.stderr
+    with pytest.raises(FileNotFoundError) as missing:  # as predict's image folder listing raises it
+        (tmp_path / "nope").iterdir().__next__()
+    assert describe(missing.value) == f"{tmp_path / 'nope'}: no such file or directory"
 
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",

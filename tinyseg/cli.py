@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         build_parser().print_help()
         return 2
-    from .commands import error_exit_code, run_verb, user_errors
+    from .commands import describe, error_exit_code, run_verb, user_errors
 
     try:
         return run_verb(args)
     except user_errors() as error:
-        print(f"tinyseg {args.verb}: error: {error}", file=sys.stderr)
+        print(f"tinyseg {args.verb}: error: {describe(error)}", file=sys.stderr)
         return error_exit_code(error)
     except KeyboardInterrupt:
         print(f"tinyseg {args.verb}: interrupted", file=sys.stderr)

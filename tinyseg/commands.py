@@ -33,6 +33,13 @@ def error_exit_code(error: BaseException) -> int:
     return 1 if isinstance(error, (DatasetError, FileNotFoundError, NotADirectoryError)) else 2
 
 
+def describe(error: BaseException) -> str:
+    """The one line printed for a user error: an OS error by its file first, as tinyseg's own errors are."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return str(error)
+
+
 class UsageError(ValueError):
     """Arguments that do not go together."""
 

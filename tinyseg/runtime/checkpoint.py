@@ -30,6 +30,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() in (".onnx", ".xml"):  # torch.load would call it pickled code
+        raise CheckpointError(f"{path}: an exported model, not a checkpoint: exported models run with"
+                              " `tinyseg predict --onnx`")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
