@@ -275,7 +275,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:  # before any tracing: nothing is written
         check_options(output, args.format, bool(args.int8_calibration), args.int8_images)
     except ExportOptionError as error:
-        raise UsageError(f"export: {error}") from error
+        raise UsageError(str(error)) from error  # printed after "tinyseg export: error:"
     what = "--int8-calibration" if args.int8_calibration else f"--format {args.format}"
     try:
         calibration = calibration_images(args.int8_calibration, args.int8_images) if args.int8_calibration else None

@@ -7,7 +7,7 @@ The exported graph takes one float RGB image (3, H, W) in [0, 1] and contains th
 normalisation and the mapping of boxes back to the input's pixels. Its masks are, by default, the
 mask head's small probability maps, "mask_probs" (N, 1, M, M), one per box, to be pasted into their
 boxes as torchvision's paste_masks_in_image does (inference/masks.py here): pasting inside the graph is
-a loop over detections that took about three quarters of onnxruntime's time. With pasted_masks the
+a loop over detections, the larger part of onnxruntime's time (benchmarks/README.md). With pasted_masks the
 graph outputs torchvision's full-size "masks" (N, 1, H, W) itself, for callers without tinyseg code. The
 category map, prediction settings and mask output travel in the ONNX metadata (metadata_props), and in
 an IR's runtime info under the same keys.
@@ -22,6 +22,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,8 +56,9 @@ def check_options(output: str, format: str = FORMATS[0], int8: bool = False, int
     if format == "openvino" and Path(output).suffix.lower() != ".xml":
         raise ExportOptionError(f"{output}: an OpenVINO model is written as NAME.xml (its weights beside it, NAME.bin)")
     if int8 and format != "onnx":
-        raise ExportOptionError("int8 quantizes an ONNX export (onnxruntime's quantizer): use format onnx")
-    if int8 and int8_images < 1:
+        raise ExportOptionError("int8 quantizes an ONNX export (onnxruntime's quantizer): use format onnx"
+                                " (--format onnx)")
+    if int8_images < 1:
         raise ExportOptionError(f"int8 needs at least 1 calibration image, got {int8_images}")
 
 
@@ -111,6 +113,18 @@ def export_onnx(checkpoint: str, output: str, opset: int = 17, pasted_masks: boo
     return Path(output)
 
 
+def _batched_nms_without_branch(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                                iou_threshold: float) -> torch.Tensor:
+    """torchvision's batched_nms (its coordinate trick) without its no-boxes branch: traced, that branch is
+    an ONNX If whose empty result OpenVINO's CPU plugin returns as one row of garbage, a made-up detection
+    on every image without any. The 0 appended keeps the maximum defined when there are no boxes."""
+    import torchvision
+
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
 def _trace(checkpoint: str, path: Path, opset: int, pasted_masks: bool,
            example_size: tuple[int, int] = (480, 640)) -> dict[str, str]:
     """The checkpoint's graph written to path as ONNX; returns the metadata an export carries."""
@@ -120,7 +134,9 @@ def _trace(checkpoint: str, path: Path, opset: int, pasted_masks: bool,
     model.transform.paste_masks = pasted_masks
     names = _outputs(pasted_masks)
     example = torch.rand(3, *example_size)
-    with warnings.catch_warnings():
+    from torchvision.ops import boxes as box_ops  # the module torchvision's RPN and RoI heads call it from
+
+    with warnings.catch_warnings(), mock.patch.object(box_ops, "batched_nms", _batched_nms_without_branch):
         warnings.simplefilter("ignore")  # the tracer's many TracerWarnings are expected for this model
         # torchvision's detection models export through the TorchScript-based exporter.
         torch.onnx.export(model, ([example],), str(path), opset_version=opset, input_names=["image"],

@@ -99,8 +99,8 @@ class RoiGroupNorm(nn.GroupNorm):
     """nn.GroupNorm for the RoI heads, whose ONNX export also runs on no rows: the exporter reshapes the
     rows to (N, groups, -1), which onnxruntime cannot size when N is 0, as in the mask head for an
     image without detections. Traced, one blank row is added and dropped again, which keeps the
-    exporter's InstanceNormalization (a pooled formulation without the reshape was slower in both
-    runtimes). The backbone keeps nn.GroupNorm: it always sees one image."""
+    exporter's InstanceNormalization (a formulation without the reshape was slower; benchmarks/README.md).
+    The backbone keeps nn.GroupNorm: it always sees one image."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torchvision._is_tracing():

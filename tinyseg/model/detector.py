@@ -267,7 +267,8 @@ def apply_inference_settings(model: MaskRCNN, test: InputConfig, predict: Predic
 def set_precision(model: MaskRCNN, amp_dtype: torch.dtype | None, channels_last: bool) -> None:
     """Autocast for the backbone (training and inference) and the heads (inference only); the backbone
     channels-last where asked and where it pays: not for a GroupNorm model on a CPU, where GroupNorm is
-    slow channels-last, in training as in prediction (benchmarks/README.md, "Each speed-up alone")."""
+    slow channels-last, in training as in prediction (benchmarks/README.md, "Each speed-up alone" and the
+    Zen 4 section's training levers)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     channels_last = channels_last and not (on_cpu and any(isinstance(m, nn.GroupNorm) for m in model.modules()))
     model.backbone.amp_dtype = amp_dtype

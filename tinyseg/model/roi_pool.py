@@ -13,7 +13,6 @@ import torch
 import torchvision
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 MIN_ROIS_PER_CHUNK = 32  # below this a thread costs more than it saves
 
@@ -48,7 +47,10 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def _traced_forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """torchvision's multi-scale RoIAlign for ONNX, with the levels merged by one row gather instead of
-        torchvision's scatter of every element (ScatterElements: a fifth of onnxruntime's time per image)."""
+        torchvision's scatter of every element (ScatterElements; its cost: benchmarks/README.md)."""
+        # torchvision's private helpers, imported here so that a rename upstream breaks only the export
+        from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
         features = _filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
