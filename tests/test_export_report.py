@@ -12,6 +12,7 @@ import torch
 
 from tinyseg.data.images import load_rgb
 from tinyseg.inference.predictor import binary_masks, load_model
+from tinyseg.runtime.checkpoint import CheckpointError
 from torchvision.ops import box_iou
 
 from conftest import SHARED, run_cli
@@ -99,6 +100,11 @@ def test_default_export_leaves_the_paste_out_of_the_graph_and_pasted_masks_agree
     onnx.save(old, str(tmp_path / "old.onnx"))
     assert OnnxModel(str(tmp_path / "old.onnx")).results(image, 1) == full.results(image, 1)
     assert compared > 0
+    # a mask output this tinyseg does not know is refused, not read as one it knows
+    old.metadata_props.add(key="tinyseg_masks", value="mask_logits")
+    onnx.save(old, str(tmp_path / "newer.onnx"))
+    with pytest.raises(CheckpointError, match="unknown mask output 'mask_logits'"):
+        OnnxModel(str(tmp_path / "newer.onnx"))
 
 
 def test_gn_roi_heads_export_runs_on_an_image_without_detections(tmp_path):
