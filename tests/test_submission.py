@@ -8,7 +8,7 @@ from pycocotools.coco import COCO
 
 from tinyseg.runtime.checkpoint import CheckpointError
 from tinyseg.inference.jobs import PredictJob, predict_checkpoint
-from tinyseg.inference.submission import validate_submission, write_submission
+from tinyseg.inference.submission import validate_submission, write_image_list, write_submission
 
 from conftest import decodes_with_pycocotools
 
@@ -21,6 +21,18 @@ def submission(trained_run, tmp_path_factory):
                                              str(shapes["test"]), num_workers=0, progress=False))
     write_submission(out, found.results)
     return out
+
+
+def test_validator_reads_the_image_list_predict_writes(trained_run, submission, tmp_path):
+    """predict without --images-json writes ids and names only: the validator raised KeyError 'height'."""
+    test = json.loads(trained_run["shapes"]["test"].read_text())
+    listed = tmp_path / "submission.images.json"
+    write_image_list(listed, [(image["id"], image["file_name"]) for image in test["images"]])
+    assert validate_submission(submission, listed) == []
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps(test["images"]))
+    assert validate_submission(submission, as_list) == [
+        f"{as_list}: the top level must be an object with an \"images\" list, got list"]
 
 
 @decodes_with_pycocotools  # as the tutorial scripts / the grader do

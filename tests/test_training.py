@@ -87,6 +87,30 @@ def test_checkpoint_write_crash_leaves_previous_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+def test_written_files_get_the_umask_s_permissions_or_keep_their_own(tmp_path):
+    """mkstemp makes owner-only files: every checkpoint, submission and report came out 0600."""
+    import stat
+
+    from tinyseg.runtime.files import atomic_write_text
+
+    path, previous = tmp_path / "submission.json", os.umask(0o022)
+    try:
+        atomic_write_text(path, "[]")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)  # a file's own permissions survive its rewrite
+        atomic_write_text(path, "[]")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")  # torch's unpickler raised a bare KeyError on it
+    with pytest.raises(CheckpointError, match="notes.pt: not a tinyseg checkpoint"):
+        load_checkpoint(text)
+
+
 def test_checkpoint_write_failing_halfway_leaves_previous_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1, "weights": torch.arange(10_000.0)})

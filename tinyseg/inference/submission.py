@@ -41,6 +41,10 @@ def validate_submission(submission_path: str | Path, images_json: str | Path,
         return [str(error)]
     if not isinstance(submission, list):
         return [f"{submission_path}: the top level must be a JSON list, got {type(submission).__name__}"]
+    for path, value in ((images_json, reference), (categories_json, category_source)):
+        if not isinstance(value, dict):
+            what = '"images"' if value is reference else '"categories"'
+            return [f"{path}: the top level must be an object with an {what} list, got {type(value).__name__}"]
     images = {image["id"]: image for image in reference.get("images", []) if isinstance(image, dict)}
     category_ids = {c["id"] for c in category_source.get("categories", []) if isinstance(c, dict)}
     problems: list[str] = []
@@ -73,9 +77,10 @@ def _entry_problems(entry: Any, images: dict, category_ids: set) -> list[str]:
     if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str)
             and isinstance(segmentation.get("size"), list) and len(segmentation["size"]) == 2):
         return problems + ["segmentation must be {'size': [h, w], 'counts': str} (compressed RLE)"]
-    if image is not None and segmentation["size"] != [image["height"], image["width"]]:
+    # An image list that predict wrote (ids and names, no sizes) leaves the size unchecked; the RLE still decodes.
+    if image is not None and "height" in image and segmentation["size"] != [image["height"], image.get("width")]:
         problems.append(f"RLE size {segmentation['size']} differs from image {entry['image_id']}'s"
-                        f" [{image['height']}, {image['width']}]")
+                        f" [{image['height']}, {image.get('width')}]")
     try:
         decode_masks([{"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}],
                      *segmentation["size"])

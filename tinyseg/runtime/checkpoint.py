@@ -40,6 +40,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f" values (weights_only=True would have to execute code): {str(error)[:300]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{path}: cannot be read; the file is truncated or corrupt ({error})") from None
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as error:  # the unpickler on other bytes
+        raise CheckpointError(f"{path}: not a tinyseg checkpoint (torch.load: {type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tinyseg checkpoint (no '{FORMAT}' marker)")
     return state

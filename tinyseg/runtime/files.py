@@ -20,6 +20,8 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp's file is owner-only: give it the target's permissions, or what open() would have given
+        os.chmod(temp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as out:
             write(out)
             out.flush()
@@ -36,6 +38,12 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             os.close(directory)
     except OSError:  # some filesystems do not allow fsync on folders
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
