@@ -91,6 +91,12 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
         (tmp_path / "nope").iterdir().__next__()
     assert describe(missing.value) == f"{tmp_path / 'nope'}: no such file or directory"
 
+    # options an exported model cannot honour are refused, not ignored (--tta gave the same file as without)
+    for option in (["--tta"], ["--tta-scales", "640"], ["--batch-size", "4"], ["--amp", "bf16"]):
+        result = run_cli("predict", "--onnx", str(not_a_model), "--image-dir", str(shapes["images"]),
+                         "--output", str(tmp_path / "x.json"), *option, check=False)
+        assert result.returncode == 2 and f"{option[0]}: not for an exported model" in result.stderr, result.stderr
+
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
                      str(tmp_path / "run2"), "--image-dir", str(not_a_folder), check=False)

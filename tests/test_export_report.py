@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections import Counter
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,11 @@ def _predict_writes_a_valid_submission(trained_run, model_path, out) -> None:
 
 def test_predict_with_onnx_writes_a_valid_submission(trained_run, onnx_path, tmp_path):
     _predict_writes_a_valid_submission(trained_run, onnx_path, tmp_path / "onnx_submission.json")
+    shapes, capped = trained_run["shapes"], tmp_path / "capped.json"  # --max-detections was ignored with --onnx
+    run_cli("predict", "--onnx", str(onnx_path), "--image-dir", str(shapes["images"]), "--images-json",
+            str(shapes["test"]), "--output", str(capped), "--max-detections", "1", "--score-thresh", "0")
+    per_image = Counter(entry["image_id"] for entry in json.loads(capped.read_text()))
+    assert per_image and max(per_image.values()) == 1
 
 
 def _assert_same_detections(reference, candidate, paths) -> None:

@@ -131,13 +131,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--runtime {args.runtime} runs an exported model: export the checkpoint"
                          " (tinyseg export CKPT) and give --onnx MODEL.onnx")
     if args.onnx:
+        # the exported graph runs as exported, one image at a time: these would be silently ignored
+        from .config import DataConfig, TrainConfig
+
+        fixed = {"tta": None, "tta_scales": None, "batch_size": None, "amp": None, "device": TrainConfig.device,
+                 "workers": DataConfig.num_workers}
+        given = [f"--{name.replace('_', '-')}" for name, unset in fixed.items()
+                 if getattr(args, name) not in (unset, False) and not (name == "device" and args.device == "cpu")]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not for an exported model (--onnx runs its graph as exported:"
+                             " no TTA, one image at a time, on the CPU); give --checkpoint for these")
         try:
             runtime = runtime_for(args.onnx, args.runtime)
         except ValueError as error:
             raise UsageError(str(error)) from error
         try:
             found, entries = predict_onnx(args.onnx, args.image_dir, args.images_json, args.score_thresh,
-                                          args.mask_thresh, runtime)
+                                          args.mask_thresh, runtime, args.max_detections)
         except ModuleNotFoundError as error:
             package = (error.name or "").split(".")[0]
             if package not in ("onnx", "onnxruntime", "openvino"):

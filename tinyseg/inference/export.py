@@ -237,7 +237,7 @@ class OnnxModel:
     ("mask_probs" for binary_masks, or a pasted-masks export's full-size "masks"), with the file's category ids."""
 
     def __init__(self, path: str, score_thresh: float | None = None, mask_thresh: float | None = None,
-                 runtime: str | None = None, precision: str = PRECISIONS[0]):
+                 runtime: str | None = None, precision: str = PRECISIONS[0], max_detections: int | None = None):
         runtime = runtime_for(path, runtime)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -262,6 +262,7 @@ class OnnxModel:
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
+        self.max_detections = max_detections  # at most the graph's own cap, the run's at export
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """image: (3, H, W) float in [0, 1]. The outputs by name, as the model's in tinyseg's predictor:
@@ -272,6 +273,8 @@ class OnnxModel:
         if self.score_thresh is not None:
             keep = output["scores"] >= self.score_thresh
             output = {k: v[keep] for k, v in output.items()}
+        if self.max_detections is not None:  # the graph's detections come by falling score
+            output = {k: v[:self.max_detections] for k, v in output.items()}
         return output
 
     def results(self, image: torch.Tensor, image_id: int) -> list[dict]:

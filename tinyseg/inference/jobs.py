@@ -135,12 +135,13 @@ def evaluate_checkpoint(job: PredictJob, gt: CocoData, iou_types: tuple[str, ...
 
 
 def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_thresh: float | None = None,
-                 mask_thresh: float | None = None, runtime: str | None = None) -> tuple[Predictions, list[tuple[int, str]]]:
+                 mask_thresh: float | None = None, runtime: str | None = None,
+                 max_detections: int | None = None) -> tuple[Predictions, list[tuple[int, str]]]:
     """What predict_checkpoint does, through onnxruntime or OpenVINO (None: the one that reads the file): one image
     at a time, no PyTorch model."""
     from .export import OnnxModel
 
-    model = OnnxModel(model_path, score_thresh, mask_thresh, runtime)
+    model = OnnxModel(model_path, score_thresh, mask_thresh, runtime, max_detections=max_detections)
     entries = image_entries(image_dir, images_json, model.categories)
     dataset = ImageListDataset(entries, image_dir)
     found = Predictions()
