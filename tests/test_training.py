@@ -154,6 +154,18 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path):
         load_checkpoint(foreign)
 
 
+def test_a_new_run_in_an_earlier_run_s_folder_replaces_its_metrics(shapes, tmp_path, caplog):
+    """metrics.jsonl was appended to: two runs' iterations 1..N in one file, and in the report's plots."""
+    config = tiny_config(shapes, tmp_path, "solver.epochs=1", "train.eval_every=0")
+    train(config)
+    first = read_metrics(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tinyseg"):
+        train(config)
+    assert "holds an earlier run" in caplog.text
+    iterations = [r["iteration"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert len(iterations) == len({*iterations}) == len([r for r in first if r["kind"] == "train"])
+
+
 def test_bf16_training_stays_finite(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path, "solver.epochs=2", "train.amp=bf16", "train.channels_last=true",
                          "train.eval_every=0")

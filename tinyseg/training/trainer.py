@@ -58,10 +58,22 @@ class Trainer:
             self._resume()
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self._replace_earlier_run()
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             if self.data.val_gt is not None:  # what the run is scored on, for the report and for audits
                 write_json(self.run_dir / "val_gt.json", self.data.val_gt)
         self.logger = MetricsLogger(self.run_dir, self.main, start_tracking(cfg, self.run_dir, resume, main=self.main))
+
+    def _replace_earlier_run(self) -> None:
+        """A new run in the folder of an earlier one: its metrics would be appended to the earlier run's,
+        and its best.pt would stand until this run beat it, so both go."""
+        earlier = [self.run_dir / name for name in ("metrics.jsonl", "best.pt") if (self.run_dir / name).exists()]
+        if earlier:
+            log.warning("%s holds an earlier run: it is replaced (--resume continues a run; another"
+                        " --output-dir keeps it)", self.run_dir)
+        for path in earlier:
+            path.unlink()
 
     # -- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> None:
