@@ -91,6 +91,11 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
         (tmp_path / "nope").iterdir().__next__()
     assert describe(missing.value) == f"{tmp_path / 'nope'}: no such file or directory"
 
+    for not_a_run in (tmp_path / "nope_run", not_a_model):  # an empty page was written; a file raised
+        result = run_cli("report", str(not_a_run), check=False)
+        assert result.returncode == 1 and f"{not_a_run}: not a run folder" in result.stderr, result.stderr
+    assert not (tmp_path / "nope_run").exists()
+
     # options an exported model cannot honour are refused, not ignored (--tta gave the same file as without)
     for option in (["--tta"], ["--tta-scales", "640"], ["--batch-size", "4"], ["--amp", "bf16"]):
         result = run_cli("predict", "--onnx", str(not_a_model), "--image-dir", str(shapes["images"]),

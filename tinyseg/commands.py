@@ -302,7 +302,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .training.report import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir))}")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():  # an empty page (or a traceback, for a file) helped no one
+        raise FileNotFoundError(2, "not a run folder (no metrics.jsonl in it)", str(run_dir))
+    print(f"wrote {write_report(run_dir)}")
     return 0
 
 
