@@ -96,6 +96,11 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
         assert result.returncode == 1 and f"{not_a_run}: not a run folder" in result.stderr, result.stderr
     assert not (tmp_path / "nope_run").exists()
 
+    # a COCO file without its image folder was "image folder '' ... does not exist"
+    result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
+                     str(tmp_path / "run3"), check=False)
+    assert result.returncode == 1 and "a COCO file needs its image folder (--image-dir" in result.stderr, result.stderr
+
     # options an exported model cannot honour are refused, not ignored (--tta gave the same file as without)
     for option in (["--tta"], ["--tta-scales", "640"], ["--batch-size", "4"], ["--amp", "bf16"]):
         result = run_cli("predict", "--onnx", str(not_a_model), "--image-dir", str(shapes["images"]),
@@ -105,7 +110,7 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
     not_a_folder = shapes["train"]  # a file given where a folder of images belongs
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
                      str(tmp_path / "run2"), "--image-dir", str(not_a_folder), check=False)
-    assert result.returncode == 1 and str(not_a_folder) in result.stderr
+    assert result.returncode == 1 and f"'{not_a_folder}' for {shapes['train']} is not a folder" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
 
 

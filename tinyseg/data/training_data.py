@@ -33,8 +33,12 @@ def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annota
     if not json_path:
         raise DatasetError("no annotation file given (data.train_json / --train-json)")
     fmt = resolve_format(json_path, fmt)
-    if fmt == "coco" and (not image_dir or not Path(image_dir).is_dir()):
-        raise DatasetError(f"image folder '{image_dir}' for {json_path} does not exist")
+    if fmt == "coco" and not image_dir:
+        raise DatasetError(f"{json_path}: a COCO file needs its image folder (--image-dir, or data.image_dir"
+                           " / data.val_image_dir)")
+    if fmt == "coco" and not Path(image_dir).is_dir():
+        what = "is not a folder" if Path(image_dir).exists() else "does not exist"
+        raise DatasetError(f"image folder '{image_dir}' for {json_path} {what}")
     data = load_dataset(json_path, require_annotations, fmt, split, crowd_rle_as_instances)
     if data.image_dir and image_dir and Path(image_dir).resolve() != Path(data.image_dir).resolve():
         log.warning("%s: %s labels name their own images (in %s); the image folder %s is not used", json_path,
