@@ -36,7 +36,7 @@ def test_train_predict_validate_evaluate_visualize(shapes, tmp_path):
     assert len(list(overlays.glob("*.png"))) == 3
 
 
-def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
+def test_bad_inputs_give_one_clear_line(shapes, trained_run, tmp_path):
     bad = tmp_path / "bad.json"
     data = json.loads(shapes["train"].read_text())
     data["annotations"][0]["category_id"] = 99
@@ -100,6 +100,18 @@ def test_bad_inputs_give_one_clear_line(shapes, tmp_path):
     result = run_cli("train", "--config", "demo", "--train-json", str(shapes["train"]), "--output-dir",
                      str(tmp_path / "run3"), check=False)
     assert result.returncode == 1 and "a COCO file needs its image folder (--image-dir" in result.stderr, result.stderr
+
+    # prediction settings that gave an empty or maskless submission, or a traceback (--tta-scales 0)
+    for option, message in ((["--mask-thresh", "1.5"], "'predict.mask_thresh' (--mask-thresh) must be in (0, 1)"),
+                            (["--score-thresh", "2"], "(--score-thresh) must be in [0, 1], got 2.0"),
+                            (["--max-detections", "0"], "(--max-detections) must be >= 1"),
+                            (["--tta", "--tta-scales", "0"], "(--tta-scales) must be positive sizes")):
+        for model in (["--onnx", str(not_a_model)], ["--checkpoint", str(trained_run["run_dir"] / "best.pt")]):
+            if "--tta" in option and "--onnx" in model:
+                continue
+            result = run_cli("predict", *model, "--image-dir", str(shapes["images"]), "--output",
+                             str(tmp_path / "x.json"), *option, check=False)
+            assert result.returncode == 2 and message in result.stderr, result.stderr
 
     # options an exported model cannot honour are refused, not ignored (--tta gave the same file as without)
     for option in (["--tta"], ["--tta-scales", "640"], ["--batch-size", "4"], ["--amp", "bf16"]):

@@ -132,7 +132,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          " (tinyseg export CKPT) and give --onnx MODEL.onnx")
     if args.onnx:
         # the exported graph runs as exported, one image at a time: these would be silently ignored
-        from .config import DataConfig, TrainConfig
+        from dataclasses import replace
+
+        from .config import DataConfig, PredictConfig, TrainConfig, check_predict
 
         fixed = {"tta": None, "tta_scales": None, "batch_size": None, "amp": None, "device": TrainConfig.device,
                  "workers": DataConfig.num_workers}
@@ -141,6 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)}: not for an exported model (--onnx runs its graph as exported:"
                              " no TTA, one image at a time, on the CPU); give --checkpoint for these")
+        applied = ("score_thresh", "mask_thresh", "max_detections")
+        check_predict(replace(PredictConfig(), **{k: getattr(args, k) for k in applied if getattr(args, k) is not None}))
         try:
             runtime = runtime_for(args.onnx, args.runtime)
         except ValueError as error:

@@ -330,7 +330,21 @@ CHOICES = {
 }
 
 
+def check_predict(p: PredictConfig) -> None:
+    """Prediction settings that would give an empty or a maskless submission, or fail mid-run."""
+    bad = [f"'predict.{name}' (--{name.replace('_', '-')}) must be {rule}, got {value}" for name, value, ok, rule in (
+        ("score_thresh", p.score_thresh, 0.0 <= p.score_thresh <= 1.0, "in [0, 1]"),
+        ("mask_thresh", p.mask_thresh, 0.0 < p.mask_thresh < 1.0, "in (0, 1)"),
+        ("nms_thresh", p.nms_thresh, 0.0 < p.nms_thresh <= 1.0, "in (0, 1]"),
+        ("max_detections", p.max_detections, p.max_detections >= 1, ">= 1"),
+        ("batch_size", p.batch_size, p.batch_size >= 1, ">= 1"),
+        ("tta_scales", p.tta_scales, all(size > 0 for size in p.tta_scales), "positive sizes")) if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
 def validate(config: Config) -> None:
+    check_predict(config.predict)
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, PredictConfig, TrainConfig, config_from_dict
+from ..config import Config, PredictConfig, TrainConfig, check_predict, config_from_dict
 from ..data.coco import CategoryMap
 from ..data.dataset import ImageListDataset, collate
 from ..runtime.checkpoint import load_checkpoint
@@ -39,6 +39,7 @@ def load_model(checkpoint: str, device: str = TrainConfig.device, predict_overri
     for name, value in (predict_overrides or {}).items():
         if value is not None:
             setattr(config.predict, name, value)
+    check_predict(config.predict)
     categories = CategoryMap.from_dict(state["categories"])
     # The checkpoint holds every weight: the run's architecture (model.init decides its norm and layout),
     # built without downloading or reading any pretrained weights.
