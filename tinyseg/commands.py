@@ -287,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     output = args.output or str(Path(args.checkpoint).with_suffix({"onnx": ".onnx", "openvino": ".xml"}[args.format]))
     try:  # before any tracing: nothing is written
-        check_options(output, args.format, bool(args.int8_calibration), args.int8_images)
+        check_options(output, args.format, bool(args.int8_calibration), args.int8_images, args.opset)
     except ExportOptionError as error:
         raise UsageError(str(error)) from error  # printed after "tinyseg export: error:"
     what = "--int8-calibration" if args.int8_calibration else f"--format {args.format}"

@@ -43,14 +43,18 @@ def _outputs(pasted_masks: bool) -> list[str]:
 
 
 FORMATS = ("onnx", "openvino")
+OPSETS = (11, 20)  # the ONNX opsets this model exports at, lowest and highest
 
 
 class ExportOptionError(ValueError):
     """Options that cannot make an export, found before anything is traced (the CLI's usage errors)."""
 
 
-def check_options(output: str, format: str = FORMATS[0], int8: bool = False, int8_images: int = 1) -> None:
-    """Raise ExportOptionError for a format, output name or int8 request that export() would refuse."""
+def check_options(output: str, format: str = FORMATS[0], int8: bool = False, int8_images: int = 1,
+                  opset: int = 17) -> None:
+    """Raise ExportOptionError for a format, output name, opset or int8 request that export() would refuse."""
+    if not OPSETS[0] <= opset <= OPSETS[1]:  # torchvision's detection ops need 11; the tracing exporter stops at 20
+        raise ExportOptionError(f"opset must be {OPSETS[0]} to {OPSETS[1]} for this model's export, got {opset}")
     if format not in FORMATS:
         raise ExportOptionError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "openvino" and Path(output).suffix.lower() != ".xml":
@@ -68,7 +72,7 @@ def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 
     int8_calibration (image paths), an ONNX file quantized to int8 on those images (quantize_int8);
     pasted_masks: full-size masks pasted in the graph instead of the small "mask_probs" (module docstring)."""
     int8 = int8_calibration is not None
-    check_options(output, format, int8, len(int8_calibration) if int8 else 1)
+    check_options(output, format, int8, len(int8_calibration) if int8 else 1, opset)
     if int8:
         with _work_dir(output) as work:
             fp32 = export_onnx(checkpoint, str(Path(work) / "fp32.onnx"), opset, pasted_masks)
@@ -81,7 +85,7 @@ def export(checkpoint: str, output: str, format: str = FORMATS[0], opset: int = 
 def export_openvino(checkpoint: str, output: str, opset: int = 17, pasted_masks: bool = False) -> Path:
     import openvino
 
-    check_options(output, "openvino")
+    check_options(output, "openvino", opset=opset)
     xml = Path(output)
     # Everything temporary in one folder beside the output, gone on success or failure (OpenVINO maps the
     # traced file's weights until save_model has written them).
