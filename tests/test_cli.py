@@ -21,7 +21,11 @@ def test_train_predict_validate_evaluate_visualize(shapes, tmp_path):
             "--images-json", str(shapes["test"]), "--output", str(submission), "--workers", "0")
     # a real `python -m tinyseg` once: the entry point itself (the other calls run in this process)
     result = run_cli("validate-submission", str(submission), "--images-json", str(shapes["test"]), process=True)
-    assert "valid" in result.stdout
+    assert "valid" in result.stdout and "not checked" not in result.stdout
+    images_only = tmp_path / "images_only.json"  # a "valid" here said nothing of the category ids it could not check
+    images_only.write_text(json.dumps({"images": json.loads(shapes["test"].read_text())["images"]}))
+    result = run_cli("validate-submission", str(submission), "--images-json", str(images_only))
+    assert f"valid ({len(json.loads(submission.read_text()))} detections); category ids not checked" in result.stdout
 
     metrics = tmp_path / "metrics.json"
     result = run_cli("evaluate", "--gt", str(shapes["test_gt"]), "--detections", str(submission),

@@ -109,6 +109,19 @@ def test_detections_for_unknown_images_are_refused():
         assert "detections[1]" in str(error.value)
 
 
+def test_detections_with_category_ids_the_ground_truth_lacks_are_flagged(caplog):
+    """Label indices instead of the file's ids: AP 0 without a word, before."""
+    gt, detections = _square_gt([1, 2])
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        results = evaluate_detections(gt, [{**d, "category_id": 0} for d in detections], ("segm",))
+    assert results["segm"]["stats"]["AP50"] == 0
+    assert "2 of 2 detection(s) have category ids the ground truth does not have (0; it has 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        evaluate_detections(gt, detections, ("segm",))
+    assert "category ids" not in caplog.text
+
+
 def test_cli_evaluate_refuses_a_results_file_for_other_images(tmp_path):
     from conftest import run_cli
 

@@ -239,7 +239,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
         return 1
     count = len(json.loads(Path(args.submission).read_text()))
-    print(f"{args.submission}: valid ({count} detections)")
+    listed = args.categories_json or args.images_json
+    unchecked = not json.loads(Path(listed).read_text()).get("categories")
+    print(f"{args.submission}: valid ({count} detections)" + (
+        f"; category ids not checked: {listed} lists no categories (give --categories-json)" if unchecked else ""))
     return 0
 
 

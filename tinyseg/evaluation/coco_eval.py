@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from typing import Any
 
 import numpy as np
 
 from ..config import PredictConfig
 from ..data.coco import DatasetError
+
+log = logging.getLogger("tinyseg")
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -115,6 +118,13 @@ def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subs
             f"{count} detection(s) are for {len(unknown)} image id(s) that the ground truth does not have"
             f" (first: {', '.join(map(str, unknown[:5]))}); is this results file for another image set?"
             " Pass --allow-subset (allow_subset=True) to score only the detections of known images")
+    category_ids = {category["id"] for category in gt.get("categories", [])}
+    strangers = sorted({d["category_id"] for d in detections if d["category_id"] not in category_ids})
+    if strangers and category_ids:  # COCOeval scores them as nothing, without a word
+        count = sum(d["category_id"] not in category_ids for d in detections)
+        log.warning("%d of %d detection(s) have category ids the ground truth does not have (%s; it has %s): they"
+                    " score nothing. Label indices written instead of the file's category ids?", count,
+                    len(detections), ", ".join(map(str, strangers[:8])), ", ".join(map(str, sorted(category_ids)[:8])))
     return [d for d in detections if d.get("image_id") in image_ids]
 
 
