@@ -91,3 +91,15 @@ def test_tta_scales_run_each_extra_scale_and_restore_the_model(trained_run):
         assert found.results and loaded.model.transform.min_size == (96,)
     # Flip only: every view at the test size. With a 160 px scale, a second, larger input size appears.
     assert len(heights[()]) == 1 and len(heights[(160,)]) == 2 and heights[(160,)][1] > heights[()][0]
+
+
+def test_train_applies_overrides_to_a_config_it_is_given():
+    """train(Config, overrides) dropped the overrides without a word."""
+    from tinyseg.api import cross_validate, train
+    from tinyseg.config import Config, ConfigError
+
+    config = Config()
+    for run in (train, cross_validate):
+        with pytest.raises(ConfigError, match="did you mean 'lr'"):  # read before any data
+            run(config, ["solver.lrr=1"])
+    assert config == Config()  # the caller's config is not changed

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config, TrainConfig, load_config
+from .config import Config, TrainConfig, apply_override, load_config, validate
 from .data.images import load_rgb, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -105,11 +106,21 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
     """
     from .training.trainer import train as run_training
 
-    if not isinstance(config, Config):
-        config = load_config(config, overrides)
+    config = _configured(config, overrides)
     if config.data.folds:
         return cross_validate(config, resume=resume)
     return run_training(config, resume=resume)
+
+
+def _configured(config: Config | str | None, overrides: list[str] | None) -> Config:
+    """A preset name or YAML path loaded, or a copy of a Config, with the overrides applied to either."""
+    if not isinstance(config, Config):
+        return load_config(config, overrides)
+    config = copy.deepcopy(config)  # the caller's Config stays as given
+    for item in overrides or []:
+        apply_override(config, item)
+    validate(config)
+    return config
 
 
 def cross_validate(config: Config | str | None = None, overrides: list[str] | None = None, folds: int | None = None,
@@ -122,13 +133,7 @@ def cross_validate(config: Config | str | None = None, overrides: list[str] | No
     """
     from .training.cross_validation import cross_validate as run_cv
 
-    if not isinstance(config, Config):
-        config = load_config(config, list(overrides or []) + ([f"data.folds={folds}"] if folds is not None else []))
-    elif folds is not None:
-        import copy
-
-        config = copy.deepcopy(config)
-        config.data.folds = folds
+    config = _configured(config, list(overrides or []) + ([f"data.folds={folds}"] if folds is not None else []))
     if config.data.folds < 2:
         from .config import ConfigError
 
