@@ -55,3 +55,15 @@ def test_check_data_on_real_sets():
         report, usable = check_dataset(str(root / parts[1]), str(root / parts[2]), 40_000_000)
         assert usable, report
         assert "instances per class" in report
+
+
+def test_a_labelme_folder_is_an_image_list_for_validate_and_visualize(tmp_path):
+    """predict and evaluate read a labelme folder; validate-submission and visualize said 'not found'."""
+    folder = needs_shared("labelme_examples", "data_annotated")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    result = run_cli("validate-submission", str(empty), "--images-json", str(folder))
+    assert "valid (0 detections)" in result.stdout and "not checked" not in result.stdout
+    overlays = tmp_path / "overlays"
+    run_cli("visualize", "--gt", str(folder), "--image-dir", str(folder), "--output-dir", str(overlays), "--num", "2")
+    assert len(list(overlays.glob("*.png"))) == 2

@@ -230,7 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .inference.submission import validate_submission
+    from .inference.submission import read_image_list, validate_submission
 
     problems = validate_submission(args.submission, args.images_json, args.categories_json)
     if problems:
@@ -240,28 +240,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     count = len(json.loads(Path(args.submission).read_text()))
     listed = args.categories_json or args.images_json
-    unchecked = not json.loads(Path(listed).read_text()).get("categories")
+    unchecked = not read_image_list(listed).get("categories")
     print(f"{args.submission}: valid ({count} detections)" + (
         f"; category ids not checked: {listed} lists no categories (give --categories-json)" if unchecked else ""))
     return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from .data.coco import load_coco, read_json
+    from .data.coco import read_json
+    from .inference.jobs import load_ground_truth
     from .inference.overlays import write_overlays
+    from .inference.submission import read_image_list
 
     if args.detections:
         source = args.images_json or args.gt
         if not source:
             raise UsageError("--detections needs --images-json (or --gt) for the image list")
-        images = read_json(source)["images"]
+        images = read_image_list(source)["images"]
         instances = read_json(args.detections)
-        categories = read_json(args.categories_json or source).get("categories", [])
+        categories = read_image_list(args.categories_json or source).get("categories", [])
     else:
         if not args.gt:
             raise UsageError("give --gt to draw ground truth, or --detections with --images-json")
-        data = load_coco(args.gt)
-        full = data.to_coco_dict()
+        full = load_ground_truth(args.gt).to_coco_dict()  # COCO checked, or another format converted
         images, instances, categories = full["images"], full["annotations"], full["categories"]
     chosen = random.Random(args.seed).sample(images, min(args.num, len(images)))
     written = write_overlays(chosen, instances, categories, args.image_dir, args.output_dir, args.score_thresh)

@@ -28,6 +28,17 @@ def write_image_list(path: str | Path, entries: list[tuple[int, str]]) -> None:
     write_json(path, {"images": [{"id": image_id, "file_name": name} for image_id, name in entries]})
 
 
+def read_image_list(path: str | Path) -> Any:
+    """A JSON file as it is (a test.json may hold images only), or labels in another format (a labelme or
+    VOC folder, a YOLO YAML) converted to COCO's layout, as predict and evaluate read them."""
+    from ..data.coco import read_json
+    from .jobs import load_ground_truth
+
+    if Path(path).suffix.lower() == ".json":
+        return read_json(path)
+    return load_ground_truth(str(path), require_annotations=False).to_coco_dict()
+
+
 def validate_submission(submission_path: str | Path, images_json: str | Path,
                         categories_json: str | Path | None = None, limit: int = 50) -> list[str]:
     """Every problem found (empty when valid): schema, types, ids, and RLEs that decode to the image's size."""
@@ -35,8 +46,8 @@ def validate_submission(submission_path: str | Path, images_json: str | Path,
 
     try:
         submission = read_json(submission_path)
-        reference = read_json(images_json)
-        category_source = read_json(categories_json) if categories_json else reference
+        reference = read_image_list(images_json)
+        category_source = read_image_list(categories_json) if categories_json else reference
     except DatasetError as error:
         return [str(error)]
     if not isinstance(submission, list):
