@@ -93,6 +93,15 @@ def test_tta_scales_run_each_extra_scale_and_restore_the_model(trained_run):
     assert len(heights[()]) == 1 and len(heights[(160,)]) == 2 and heights[(160,)][1] > heights[()][0]
 
 
+def test_predictor_says_what_array_it_takes_and_an_empty_batch_is_empty(trained_run):
+    from tinyseg import Predictor
+
+    predictor = Predictor(trained_run["run_dir"] / "best.pt", device="cpu")
+    assert predictor.predict_batch([]) == []  # it raised IndexError
+    with pytest.raises(TypeError, match="uint8 array.*got float64"):  # it was PIL's "Cannot handle this data type"
+        predictor(np.zeros((32, 32, 3)))
+
+
 def test_train_applies_overrides_to_a_config_it_is_given():
     """train(Config, overrides) dropped the overrides without a word."""
     from tinyseg.api import cross_validate, train

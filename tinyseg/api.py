@@ -62,6 +62,8 @@ class Predictor:
         from .inference.predictor import mask_probs_output
         from .inference.tta import tta_forward
 
+        if not images:
+            return []
         tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
         model, p = self.loaded.model, self.loaded.config.predict
         if p.tta:
@@ -91,6 +93,9 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
     elif isinstance(image, Image.Image):
         picture = to_rgb(image)
     elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:  # PIL's "Cannot handle this data type" did not say what to do
+            raise TypeError(f"expected an (H, W[, 3]) uint8 array (0-255), got {image.dtype}: for floats in [0, 1],"
+                            " pass (image * 255).round().astype(np.uint8)")
         picture = to_rgb(Image.fromarray(image))
     else:
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
