@@ -8,7 +8,9 @@ from pycocotools.coco import COCO
 
 from tinyseg.runtime.checkpoint import CheckpointError
 from tinyseg.inference.jobs import PredictJob, predict_checkpoint
-from tinyseg.inference.submission import validate_submission, write_image_list, write_submission
+from tinyseg.inference import submission as submission_module
+from tinyseg.inference.submission import (check_submission, validate_submission, write_image_list,
+                                          write_submission)
 
 from conftest import decodes_with_pycocotools
 
@@ -34,6 +36,21 @@ def test_validator_reads_the_image_list_predict_writes(trained_run, submission, 
     assert validate_submission(submission, as_list) == [
         f"{as_list}: the top level must be an object with an \"images\" list, got list"]
 
+
+
+def test_check_reads_the_image_list_once_and_says_whether_categories_were_checked(
+        trained_run, submission, tmp_path, monkeypatch):
+    """The CLI read the list a second time to say so: a labelme folder was converted twice."""
+    reads = []
+    read = submission_module.read_image_list
+    monkeypatch.setattr(submission_module, "read_image_list", lambda path: reads.append(path) or read(path))
+    test = trained_run["shapes"]["test"]
+    found = check_submission(submission, test)
+    assert (found.problems, found.categories_checked, reads) == ([], True, [test])
+    assert found.detections == len(json.loads(submission.read_text())) > 0
+    listed = tmp_path / "submission.images.json"
+    write_image_list(listed, [(image["id"], image["file_name"]) for image in json.loads(test.read_text())["images"]])
+    assert check_submission(submission, listed).categories_checked is False
 
 @decodes_with_pycocotools  # as the tutorial scripts / the grader do
 def test_format_and_category_ids_round_trip(trained_run, submission):

@@ -230,19 +230,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .inference.submission import read_image_list, validate_submission
+    from .inference.submission import check_submission
 
-    problems = validate_submission(args.submission, args.images_json, args.categories_json)
-    if problems:
-        print(f"{args.submission}: {len(problems)} problem(s):")
-        for problem in problems:
+    found = check_submission(args.submission, args.images_json, args.categories_json)
+    if found.problems:
+        print(f"{args.submission}: {len(found.problems)} problem(s):")
+        for problem in found.problems:
             print(f"  - {problem}")
         return 1
-    count = len(json.loads(Path(args.submission).read_text()))
     listed = args.categories_json or args.images_json
-    unchecked = not read_image_list(listed).get("categories")
-    print(f"{args.submission}: valid ({count} detections)" + (
-        f"; category ids not checked: {listed} lists no categories (give --categories-json)" if unchecked else ""))
+    print(f"{args.submission}: valid ({found.detections} detections)" + ("" if found.categories_checked else
+          f"; category ids not checked: {listed} lists no categories (give --categories-json)"))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,25 @@ def read_image_list(path: str | Path) -> Any:
     return load_ground_truth(str(path), require_annotations=False).to_coco_dict()
 
 
+@dataclass
+class SubmissionCheck:
+    """What validating a submission found: its problems (none when valid), how many detections it holds,
+    and whether category ids were checked (an image list without categories leaves them unchecked)."""
+
+    problems: list[str]
+    detections: int = 0
+    categories_checked: bool = False
+
+
 def validate_submission(submission_path: str | Path, images_json: str | Path,
                         categories_json: str | Path | None = None, limit: int = 50) -> list[str]:
     """Every problem found (empty when valid): schema, types, ids, and RLEs that decode to the image's size."""
+    return check_submission(submission_path, images_json, categories_json, limit).problems
+
+
+def check_submission(submission_path: str | Path, images_json: str | Path,
+                     categories_json: str | Path | None = None, limit: int = 50) -> SubmissionCheck:
+    """validate_submission's problems, with the detection count and whether categories could be checked."""
     from ..data.coco import DatasetError, read_json
 
     try:
@@ -49,13 +66,15 @@ def validate_submission(submission_path: str | Path, images_json: str | Path,
         reference = read_image_list(images_json)
         category_source = read_image_list(categories_json) if categories_json else reference
     except DatasetError as error:
-        return [str(error)]
+        return SubmissionCheck([str(error)])
     if not isinstance(submission, list):
-        return [f"{submission_path}: the top level must be a JSON list, got {type(submission).__name__}"]
+        return SubmissionCheck(
+            [f"{submission_path}: the top level must be a JSON list, got {type(submission).__name__}"])
     for path, value in ((images_json, reference), (categories_json, category_source)):
         if not isinstance(value, dict):
             what = '"images"' if value is reference else '"categories"'
-            return [f"{path}: the top level must be an object with an {what} list, got {type(value).__name__}"]
+            return SubmissionCheck(
+                [f"{path}: the top level must be an object with an {what} list, got {type(value).__name__}"])
     images = {image["id"]: image for image in reference.get("images", []) if isinstance(image, dict)}
     category_ids = {c["id"] for c in category_source.get("categories", []) if isinstance(c, dict)}
     problems: list[str] = []
@@ -64,7 +83,7 @@ def validate_submission(submission_path: str | Path, images_json: str | Path,
         if len(problems) >= limit:
             problems.append(f"... stopped after {limit} problems")
             break
-    return problems
+    return SubmissionCheck(problems, len(submission), bool(category_ids))
 
 
 def _entry_problems(entry: Any, images: dict, category_ids: set) -> list[str]:
