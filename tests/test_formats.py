@@ -81,14 +81,27 @@ def test_labelme_and_voc_importers_agree_with_labelmes_own_exports():
 
 def test_coco_yolo_coco_round_trip_keeps_instances_and_ids(tmp_path):
     root = needs_shared("labelme_examples", "data_dataset_coco")
-    source = load_dataset(root / "annotations.json")
-    counts = coco_to_yolo(root / "annotations.json", root, tmp_path / "yolo")
+    # labelme's export lists its `_background_` placeholder as category 0; here a real class takes id 0.
+    raw = json.loads((root / "annotations.json").read_text())
+    raw["categories"][0]["name"] = "grass"
+    raw["annotations"][0]["category_id"] = 0
+    (tmp_path / "annotations.json").write_text(json.dumps(raw))
+    source = load_dataset(tmp_path / "annotations.json")
+    counts = coco_to_yolo(tmp_path / "annotations.json", root, tmp_path / "yolo")
     back = load_dataset(tmp_path / "yolo" / "data.yaml")
     assert counts == {"images": 3, "instances": 12, "categories": 21}
     assert back.categories.category_ids == source.categories.category_ids == list(range(21))  # 0 kept
     assert back.categories.names == source.categories.names
     assert sorted(r.file_name for r in back.images) == sorted(r.file_name for r in source.images)
     assert_agree(masks_by_image(back), masks_by_image(source), 0.95)
+
+
+def test_labelmes_background_placeholder_is_not_a_class():
+    """labelme's COCO export writes `_background_` as category 0: it was trained as a 21st VOC class."""
+    root = needs_shared("labelme_examples", "data_dataset_coco")
+    export = load_dataset(root / "annotations.json")
+    assert export.categories.category_ids == list(range(1, 21)) and "_background_" not in export.categories.names
+    assert any("'_background_' is labelme's placeholder" in p.message for p in export.problems)
 
 
 def test_rle_masks_survive_the_yolo_round_trip(shapes, tmp_path):

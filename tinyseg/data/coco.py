@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 ERROR, WARNING = "error", "warning"
+# labelme's class-list placeholders, not classes (its COCO export writes `_background_` as category 0).
+PLACEHOLDER_CLASS_NAMES = ("__ignore__", "_background_")
 
 
 class DatasetError(ValueError):
@@ -142,6 +144,7 @@ def inspect_coco(path: str | Path, require_annotations: bool = True,
     images = _check_images(name, raw["images"], problems)
     by_id = {r.image_id: r for r in images}
     _check_annotations(name, raw.get("annotations") or [], by_id, set(categories), problems)
+    _drop_unused_placeholders(name, categories, raw.get("annotations") or [], problems)
     category_map = CategoryMap.from_categories(list(categories.values()))
     if raw.get("annotations"):
         missing = categories_without_instances(category_map, images)
@@ -187,6 +190,19 @@ def _check_categories(name: str, entries: list, problems: list[Problem]) -> dict
     if not categories and not problems:
         problems.append(Problem(name, "categories", "no categories defined"))
     return categories
+
+
+def _drop_unused_placeholders(name: str, categories: dict[int, dict], annotations: list,
+                              problems: list[Problem]) -> None:
+    """A placeholder that no annotation uses would be trained as a class that never occurs."""
+    used = {a.get("category_id") for a in annotations if isinstance(a, dict) and _is_int(a.get("category_id"))}
+    unused = [cid for cid, entry in categories.items()
+              if entry.get("name") in PLACEHOLDER_CLASS_NAMES and cid not in used]
+    if len(unused) == len(categories):
+        return
+    for cid in unused:
+        problems.append(Problem(name, f"categories id={cid}", f"{categories.pop(cid)['name']!r} is labelme's"
+                                " placeholder, not a class; left out", WARNING))
 
 
 def _check_images(name: str, entries: list, problems: list[Problem]) -> list[ImageRecord]:

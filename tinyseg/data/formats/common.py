@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..coco import ERROR, WARNING, DatasetError, Problem
+from ..coco import ERROR, PLACEHOLDER_CLASS_NAMES, WARNING, DatasetError, Problem
 from ..images import IMAGE_SUFFIXES
 
 log = logging.getLogger("tinyseg")
@@ -92,7 +92,7 @@ def image_root(default: Path, images: list[Path]) -> Path:
 def read_class_names(path: Path) -> list[str]:
     """One name per line, in id order; labelme's `__ignore__` and `_background_` lines are not classes."""
     names = [line.strip() for line in read_text(path).splitlines()]
-    names = [n for n in names if n and n not in ("__ignore__", "_background_", "background")]
+    names = [n for n in names if n and n not in (*PLACEHOLDER_CLASS_NAMES, "background")]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"{path}: class names listed twice: {', '.join(duplicates)}")
