@@ -183,11 +183,14 @@ def test_labelme_embedded_image_and_bad_files(tmp_path):
     raw = json.loads((lm / "wide.json").read_text())
     raw["imageWidth"] = 41
     (lm / "wide.json").write_text(json.dumps(raw))
+    for stem in ("cut", "cut2"):  # check-data stopped at the first of these with nothing else listed
+        (lm / f"{stem}.json").write_text('{"shapes": [')
     with pytest.raises(DatasetError) as error:
         load_dataset(lm)
     message = str(error.value)
     assert "lost.json: imagePath: image file not found" in message
     assert "wide.json: imageWidth/imageHeight: 41x30 differs" in message
+    assert "cut.json: top level: not valid JSON" in message and "cut2.json: top level: not valid JSON" in message
 
 
 def yolo_dataset(root, lines, val_lines=None):

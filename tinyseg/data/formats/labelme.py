@@ -42,14 +42,21 @@ def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]
     src = Path(src)
     if not src.is_dir():
         raise DatasetError(f"{src}: a labelme dataset is a folder of JSON files; folder not found")
-    files, skipped = [], []
+    files, skipped, unreadable = [], [], []
     for path in sorted(src.rglob("*.json")):
-        raw = read_json(path)
+        try:
+            raw = read_json(path)
+        except DatasetError as error:  # every unreadable file is listed, not only the first
+            unreadable.append((path, str(error).removeprefix(f"{path}: ")))
+            continue
         (files if isinstance(raw, dict) and isinstance(raw.get("shapes"), list) else skipped).append((path, raw))
     if not files:
-        raise DatasetError(f"{src}: no labelme JSON file (a JSON object with 'shapes') in this folder")
+        raise DatasetError(f"{src}: no labelme JSON file (a JSON object with 'shapes') in this folder"
+                           + "".join(f"\n  - {path}: {reason}" for path, reason in unreadable))
     names = _class_names(src, files)
     builder = CocoBuilder(src, "labelme", names)
+    for path, reason in unreadable:
+        builder.error(path, "top level", reason)
     for path, _ in skipped:
         builder.warn(path, "top level", "not a labelme file (no 'shapes' list); left out")
     parsed, seen = [], {}
