@@ -109,6 +109,12 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
     text.write_text("hello")  # torch's unpickler raised a bare KeyError on it
     with pytest.raises(CheckpointError, match="notes.pt: not a tinyseg checkpoint"):
         load_checkpoint(text)
+    listed = tmp_path / "submission.json"
+    listed.write_text('{"images": []}')  # was refused as pickled code, with PyTorch's page about weights_only
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(listed)
+    assert str(error.value) == (f"{listed}: not a tinyseg checkpoint (not a file torch.save wrote: it begins"
+                                " b'{\"images\": []}')")
 
 
 def test_checkpoint_write_failing_halfway_leaves_previous_intact(tmp_path, monkeypatch):
@@ -146,8 +152,9 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "tinyseg-checkpoint", "payload": Payload()}, evil)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError) as error:
         load_checkpoint(evil)
+    assert str(error.value).startswith(f"{evil}: refused") and str(error.value).endswith("it would load posix.system")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not a tinyseg checkpoint"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.suffix.lower() in (".onnx", ".xml"):  # torch.load would call it pickled code
         raise CheckpointError(f"{path}: an exported model, not a checkpoint: exported models run with"
                               " `tinyseg predict --onnx`")
+    with path.open("rb") as handle:
+        start = handle.read(16)
+    # torch.save writes a zip (or, before 1.6, a pickle); torch.load takes other bytes for pickled code.
+    if not start.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{path}: not a tinyseg checkpoint (not a file torch.save wrote: it begins"
+                              f" {start!r})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # PyTorch's wording around it varies by version
         raise CheckpointError(f"{path}: refused: it carries pickled objects that are not plain tensors and"
-                              f" values (weights_only=True would have to execute code): {str(error)[:300]}") from None
+                              " values (weights_only=True would have to execute code)"
+                              + (f": it would load {found.group(1)}" if found else "")) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{path}: cannot be read; the file is truncated or corrupt ({error})") from None
     except (KeyError, ValueError, IndexError, TypeError, AttributeError) as error:  # the unpickler on other bytes
