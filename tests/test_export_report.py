@@ -141,7 +141,7 @@ def test_an_image_without_detections_gives_none_in_both_runtimes(trained_run, tm
     image = torch.from_numpy(np.asarray(load_rgb(_images(trained_run)[0])).copy()).permute(2, 0, 1).float() / 255
     for runtime in ("onnxruntime", "openvino"):
         model = export_module.OnnxModel(str(path), runtime=runtime)
-        assert {name: tuple(v.shape)[0] for name, v in model(image).items()} == dict.fromkeys(model.run.outputs, 0)
+        assert {name: tuple(v.shape)[0] for name, v in model(image).items()} == dict.fromkeys(model.outputs, 0)
         assert model.results(image, 1) == []
 
 

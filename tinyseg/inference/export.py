@@ -272,7 +272,7 @@ class OnnxModel:
         masks = meta.get("tinyseg_masks", "masks")  # exports from before the key pasted their masks in the graph
         if masks not in ("masks", "mask_probs"):
             raise CheckpointError(f"{path}: unknown mask output {masks!r} (tinyseg_masks): exported by a newer tinyseg?")
-        self.run.outputs = _outputs(masks == "masks")
+        self.outputs = _outputs(masks == "masks")
         self.categories = CategoryMap.from_dict(json.loads(meta["tinyseg_categories"]))
         self.mask_thresh = float(meta["tinyseg_mask_thresh"]) if mask_thresh is None else mask_thresh
         self.score_thresh = score_thresh
@@ -282,8 +282,8 @@ class OnnxModel:
         """image: (3, H, W) float in [0, 1]. The outputs by name, as the model's in tinyseg's predictor:
         "mask_probs" for binary_masks to paste (or, from an export with pasted masks, full-size "masks")."""
         # Both runtimes read the buffer as C-contiguous: a permuted (HWC -> CHW) view would be scrambled.
-        values = self.run(np.ascontiguousarray(image.numpy(), dtype=np.float32))
-        output = {name: torch.from_numpy(value) for name, value in zip(self.run.outputs, values)}
+        values = self.run(np.ascontiguousarray(image.numpy(), dtype=np.float32), self.outputs)
+        output = {name: torch.from_numpy(value) for name, value in zip(self.outputs, values)}
         if self.score_thresh is not None:
             keep = output["scores"] >= self.score_thresh
             output = {k: v[keep] for k, v in output.items()}
@@ -296,8 +296,6 @@ class OnnxModel:
 
 
 class _OnnxRuntime:
-    outputs: list[str]  # set by OnnxModel from the file's metadata
-
     def __init__(self, path: str):
         import onnxruntime
 
@@ -306,8 +304,8 @@ class _OnnxRuntime:
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.outputs, {"image": image})
+    def __call__(self, image: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        return self.session.run(outputs, {"image": image})
 
 
 class _OpenVino:
@@ -316,7 +314,6 @@ class _OpenVino:
     photos have many sizes; each compiled model holds its own weights)."""
 
     KEEP = 4
-    outputs: list[str]  # set by OnnxModel from the file's metadata
 
     def __init__(self, path: str, precision: str = PRECISIONS[0]):
         import openvino
@@ -333,7 +330,7 @@ class _OpenVino:
                     if self.model.has_rt_info([key])}
         return _onnx_metadata(Path(self.path))  # OpenVINO does not expose the ONNX file's metadata_props
 
-    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, image: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if image.shape in self.compiled:
             self.compiled.move_to_end(image.shape)
         else:
@@ -346,4 +343,4 @@ class _OpenVino:
                 self.compiled.popitem(last=False)
         compiled = self.compiled[image.shape]
         values = compiled([image])
-        return [np.asarray(values[compiled.output(name)]) for name in self.outputs]
+        return [np.asarray(values[compiled.output(name)]) for name in outputs]
