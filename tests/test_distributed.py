@@ -80,7 +80,7 @@ def test_two_processes_match_one_at_the_same_global_batch(square_shapes, tmp_pat
 def initial_weights(run_dir):
     """The weights both runs started from: the trainer seeds, then builds the model."""
     from tinyseg.config import config_from_dict
-    from tinyseg.training.trainer import seed_everything
+    from tinyseg.runtime.seeding import seed_everything
     from tinyseg.model import build_model
 
     state = load_checkpoint(run_dir / "last.pt")

@@ -151,3 +151,11 @@ def test_imports_inside_functions_count(tmp_path):
     assert imported_modules(source, known, "tinyseg.runtime.probe") == {"tinyseg.training.trainer"}
     source.write_text("def late():\n    from tinyseg import train, __version__\n")
     assert imported_modules(source, known | {"tinyseg", "tinyseg.api"}, "tinyseg.runtime.probe") == {"tinyseg", "tinyseg.api"}
+
+
+def test_no_file_is_over_400_lines():
+    """DEVELOPERS.md: a file that long is two things; split it (trainer.py and data/coco.py had crept past)."""
+    root = PACKAGE.parent
+    long = [f"{path.relative_to(root)}: {count}" for folder in ("tinyseg", "tests", "benchmarks")
+            for path in sorted((root / folder).rglob("*.py")) if (count := len(path.read_text().splitlines())) > 400]
+    assert long == []

@@ -192,15 +192,11 @@ def _check_categories(name: str, entries: list, problems: list[Problem]) -> dict
     return categories
 
 
-def _drop_unused_placeholders(name: str, categories: dict[int, dict], annotations: list,
-                              problems: list[Problem]) -> None:
+def _drop_unused_placeholders(name: str, categories: dict[int, dict], annotations: list, problems: list) -> None:
     """A placeholder that no annotation uses would be trained as a class that never occurs."""
     used = {a.get("category_id") for a in annotations if isinstance(a, dict) and _is_int(a.get("category_id"))}
-    unused = [cid for cid, entry in categories.items()
-              if entry.get("name") in PLACEHOLDER_CLASS_NAMES and cid not in used]
-    if len(unused) == len(categories):
-        return
-    for cid in unused:
+    unused = [c for c, entry in categories.items() if entry.get("name") in PLACEHOLDER_CLASS_NAMES and c not in used]
+    for cid in unused if len(unused) < len(categories) else []:
         problems.append(Problem(name, f"categories id={cid}", f"{categories.pop(cid)['name']!r} is labelme's"
                                 " placeholder, not a class; left out", WARNING))
 
@@ -336,10 +332,8 @@ def _id_type_problems(entry: dict, keys: tuple[str, ...], optional: tuple[str, .
 
 
 def compressed_rle_counts(counts: str) -> list[int] | None:
-    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None if malformed.
-
-    pycocotools accepts any string here and fails only when the mask is decoded, in the first batch.
-    """
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None if malformed:
+    pycocotools accepts any string here and fails only when the mask is decoded, in the first batch."""
     runs: list[int] = []
     position = 0
     while position < len(counts):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.files import atomic_write_text, write_json
 from ..runtime.metrics_log import SHORT_NAMES, MetricsLogger, memory_mb
 from ..runtime.precision import resolve_amp, resolve_device
+from ..runtime.seeding import restore_rng, rng_state, seed_everything
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .tracking import start_tracking
 
@@ -367,31 +367,6 @@ def sync_batchnorm(model: torch.nn.Module, norm: str, world_size: int) -> torch.
     if norm == "syncbn" and world_size > 1:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
