@@ -154,7 +154,7 @@ def test_imports_inside_functions_count(tmp_path):
 
 
 def test_no_file_is_over_400_lines():
-    """DEVELOPERS.md: a file that long is two things; split it (trainer.py and data/coco.py had crept past)."""
+    """DEVELOPERS.md's rule: a file that long holds two things (trainer.py and data/coco.py had crept past)."""
     root = PACKAGE.parent
     long = [f"{path.relative_to(root)}: {count}" for folder in ("tinyseg", "tests", "benchmarks")
             for path in sorted((root / folder).rglob("*.py")) if (count := len(path.read_text().splitlines())) > 400]
