@@ -227,6 +227,17 @@ def test_yolo_labels_and_bad_lines(tmp_path):
     assert "line 1" not in message
 
 
+def test_yolo_dataset_given_by_a_relative_path_finds_its_labels(tmp_path, monkeypatch):
+    path = yolo_dataset(tmp_path / "ds", ["1 0.1 0.1 0.5 0.1 0.5 0.5 0.1 0.5"])
+    config = yaml.safe_load(path.read_text())
+    del config["path"]  # the YAML's own folder is the root, as when it is given without `path:`
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    assert len(load_dataset("ds/data.yaml").images[0].annotations) == 1
+    monkeypatch.chdir(tmp_path / "ds")
+    assert len(load_dataset("data.yaml").images[0].annotations) == 1
+
+
 def test_yolo_val_split_is_the_validation_set(tmp_path, shapes):
     from tinyseg.data.training_data import build_training_data
 

@@ -25,7 +25,7 @@ COORD_SLACK = 0.01
 
 def label_path(image: str | Path) -> Path:
     """Ultralytics' img2label_paths for one image."""
-    text = str(image)
+    text = str(Path(image).absolute())  # a relative path has no leading separator before `images`
     images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
     if images in text:
         text = labels.join(text.rsplit(images, 1))
@@ -88,9 +88,7 @@ def class_names(path: Path, config: dict) -> tuple[list[str], list[int]]:
 def split_entries(path: Path, config: dict, split: str) -> list[Path]:
     if not isinstance(config.get("path") or "", str):
         raise DatasetError(f"{path}: path: must be a folder name, got {config['path']!r}")
-    root = Path(config.get("path") or path.parent)
-    if not root.is_absolute():
-        root = path.parent / root
+    root = path.parent / (config.get("path") or "")  # a relative `path:` is relative to the YAML's folder
     entries = config.get(split)
     if not entries:
         present = [k for k in ("train", "val", "test") if config.get(k)]
