@@ -131,3 +131,28 @@ def test_cli_evaluate_refuses_a_results_file_for_other_images(tmp_path):
     result = run_cli("evaluate", "--gt", str(tmp_path / "gt.json"), "--detections", str(tmp_path / "dt.json"),
                      check=False)
     assert result.returncode == 1 and "image id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_polygon_and_uncompressed_rle_detections_score_as_their_compressed_rle(caplog):
+    """COCO's loadRes reads compressed RLEs only: polygons and list counts crashed deep inside it before."""
+    from tinyseg.data.coco import DatasetError
+
+    gt, detections = _square_gt([1, 2])
+    polygons = [{**detections[0], "segmentation": [[2, 2, 8, 2, 8, 8, 2, 8]]},
+                {**detections[1], "segmentation": [[12, 12, 18, 12, 18, 18, 12, 18]]}]
+    uncompressed = [{**detections[0], "segmentation": {"size": [20, 20], "counts": [42, 6, 14, 6, 14, 6, 14, 6, 14,
+                                                                                     6, 14, 6, 252]}}]
+    for found in (polygons, uncompressed + detections[1:]):
+        stats = evaluate_detections(gt, found, ("segm",))["segm"]["stats"]
+        assert stats["AP50"] == pytest.approx(1.0)
+    for bad, field in (({**detections[0], "segmentation": "x"}, "'segmentation' must be an RLE"),
+                       ({**detections[0], "segmentation": [[1, 2, 3]]}, "or polygons"),
+                       ({**detections[0], "segmentation": {**detections[0]["segmentation"], "size": [10, 20]}},
+                        r"segmentation size \[10, 20\] differs from image 1's \[20, 20\]")):
+        with pytest.raises(DatasetError, match=field) as error:
+            evaluate_detections(gt, [detections[1], bad], ("segm",))
+        assert "detections[1]" in str(error.value)
+    boxes = [{k: v for k, v in d.items() if k != "segmentation"} | {"bbox": [2, 2, 6, 6]} for d in detections]
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        evaluate_detections(gt, boxes, ("segm",))
+    assert "2 of 2 detection(s) have no 'segmentation'" in caplog.text and "--iou-type bbox" in caplog.text

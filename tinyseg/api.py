@@ -157,7 +157,8 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
     default to the config's `eval` section. Under torchrun, with a checkpoint, ranks other than 0 get None.
     """
     from .config import EvalConfig
-    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, read_detections, score
+    from .evaluation.coco_eval import read_detections
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score
 
     if (detections is None) == (checkpoint is None):
         raise ValueError("give either detections or checkpoint (with image_dir)")

@@ -178,8 +178,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.coco_eval import format_report
-    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, read_detections, score
+    from .evaluation.coco_eval import format_report, read_detections
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score
     from .inference.submission import write_submission
     from .runtime import distributed as dist
     from .runtime.files import write_json

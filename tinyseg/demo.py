@@ -14,8 +14,8 @@ from pathlib import Path
 from .config import load_config
 from .data.synthetic import make_shapes_dataset
 from .training.trainer import train
-from .evaluation.coco_eval import format_report
-from .inference.jobs import PredictJob, load_ground_truth, predict_checkpoint, read_detections, score
+from .evaluation.coco_eval import format_report, read_detections
+from .inference.jobs import PredictJob, load_ground_truth, predict_checkpoint, score
 from .inference.submission import validate_submission, write_submission
 from .runtime.files import write_json
 from .inference.overlays import write_overlays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,10 @@ def category_names(gt: dict[str, Any]) -> dict[int, str]:
 def usable_detections(detections: list[dict], iou_type: str) -> list[dict]:
     """Fresh copies of the detections that can be scored as iou_type (loadRes writes into the dicts it gets)."""
     usable = [_copy(d) for d in detections if iou_type == "bbox" or "segmentation" in d]
+    if len(usable) < len(detections):
+        log.warning("%d of %d detection(s) have no 'segmentation' and score nothing in segm AP%s",
+                    len(detections) - len(usable), len(detections),
+                    "" if usable else " (a box-only results file? --iou-type bbox scores its boxes)")
     if iou_type == "bbox":
         return [_with_bbox(d) for d in usable]
     # As detectron2 does: without 'bbox', loadRes takes each detection's area from its mask
@@ -125,7 +130,40 @@ def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subs
         log.warning("%d of %d detection(s) have category ids the ground truth does not have (%s; it has %s): they"
                     " score nothing. Label indices written instead of the file's category ids?", count,
                     len(detections), ", ".join(map(str, strangers[:8])), ", ".join(map(str, sorted(category_ids)[:8])))
-    return [d for d in detections if d.get("image_id") in image_ids]
+    sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
+    return [_with_compressed_rle(d, index, sizes[d["image_id"]])
+            for index, d in enumerate(detections) if d.get("image_id") in image_ids]
+
+
+def _with_compressed_rle(detection: dict, index: int, size: tuple[int, int]) -> dict:
+    """The detection with its polygons or uncompressed RLE as one compressed RLE, the only mask form
+    COCO's loadRes reads; a compressed RLE of another size than its image is refused."""
+    from ..data.coco import segmentation_to_rle
+
+    segmentation = detection.get("segmentation")
+    if segmentation is None:
+        return detection
+    if isinstance(segmentation, dict) and not isinstance(segmentation["counts"], list):
+        if list(segmentation["size"]) != list(size):
+            raise DatasetError(f"detections[{index}]: segmentation size {list(segmentation['size'])} differs from"
+                               f" image {detection['image_id']}'s [{size[0]}, {size[1]}] (height, width)")
+        return detection
+    rle = segmentation_to_rle(segmentation, *size)
+    return {**detection, "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}
+
+
+def _segmentation_problem(segmentation: Any) -> str | None:
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+                and isinstance(counts, (str, bytes, list))):
+            return None
+    elif isinstance(segmentation, list) and segmentation and all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in segmentation):
+        return None
+    return ("'segmentation' must be an RLE {'size': [height, width], 'counts': ...} or polygons"
+            f" [[x1, y1, x2, y2, x3, y3, ...], ...], got {str(segmentation)[:60]}")
 
 
 def _detection_problem(detection: Any) -> str | None:
@@ -141,7 +179,7 @@ def _detection_problem(detection: Any) -> str | None:
         return f"'score' must be a number, got {str(score)[:40]}"
     if "segmentation" not in detection and "bbox" not in detection:
         return "needs a 'segmentation' (RLE) or a 'bbox'"
-    return None
+    return _segmentation_problem(detection["segmentation"]) if "segmentation" in detection else None
 
 
 def summary_lines(stats: list[float], max_dets: list[int]) -> list[str]:
@@ -281,3 +319,15 @@ def format_report(results: dict[str, Any]) -> str:
             span = f"   {bounds[0]:.3f}-{bounds[1]:.3f}" if bounds else ("   n/a" if ci else "")
             lines.append(f"{name:<20s} {'  n/a' if value != value else f'{value:.3f}'}{span}")
     return "\n".join(lines)
+
+
+def read_detections(detections: str | Path | list[dict]) -> list[dict]:
+    """A COCO results list, from a JSON file or given as a list."""
+    from ..data.coco import read_json
+
+    if not isinstance(detections, (str, Path)):
+        return list(detections)
+    found = read_json(str(detections))
+    if not isinstance(found, list):
+        raise DatasetError(f"{detections}: a detections file must hold a JSON list of results")
+    return found

@@ -17,23 +17,14 @@ def compare_files(gt_json: str | Path, detections_a: str | Path | list[dict], de
                   seed: int | None = None, allow_subset: bool = False, fmt: str = "auto") -> dict[str, Any]:
     """compare_detections with the ground truth and the detections read from files (or given as lists)."""
     from ..data.formats import load_dataset, val_split
+    from .coco_eval import read_detections
 
     gt = load_dataset(str(gt_json), fmt=fmt, split=val_split(str(gt_json), fmt))
-    found = [_read_detections(d) for d in (detections_a, detections_b)]
+    found = [read_detections(d) for d in (detections_a, detections_b)]
     result = compare_detections(gt.to_coco_dict(), found[0], found[1], iou_type, resamples, level, seed, allow_subset)
     result["A"], result["B"] = (str(d) if isinstance(d, (str, Path)) else "(list)" for d in (detections_a, detections_b))
     return result
 
-
-def _read_detections(detections: str | Path | list[dict]) -> list[dict]:
-    from ..data.coco import DatasetError, read_json
-
-    if not isinstance(detections, (str, Path)):
-        return list(detections)
-    found = read_json(str(detections))
-    if not isinstance(found, list):
-        raise DatasetError(f"{detections}: a detections file must hold a JSON list of results")
-    return found
 
 
 def compare_detections(gt: dict[str, Any], detections_a: list[dict], detections_b: list[dict],

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..config import DataConfig, PredictConfig, TrainConfig
-from ..data.coco import CategoryMap, CocoData, DatasetError
+from ..data.coco import CategoryMap, CocoData
 from ..data.dataset import ImageListDataset
 from ..data.formats import load_dataset, resolve_format, val_split
 from ..data.images import DEFAULT_MAX_PIXELS, list_images
@@ -154,11 +154,3 @@ def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_t
         found.image_ids.append(meta["image_id"])
     return found, entries
 
-
-def read_detections(path: str) -> list[dict]:
-    from ..data.coco import read_json
-
-    detections = read_json(path)
-    if not isinstance(detections, list):
-        raise DatasetError(f"{path}: a detections file must hold a JSON list of results")
-    return detections
