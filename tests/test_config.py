@@ -29,6 +29,15 @@ def test_overrides_dotted_and_short(tmp_path):
     ("nosuchsection.x=1", "unknown config section"),
     ("lr", "key=value"),
     ("model.mask_head_convs=0", "'model.mask_head_convs' must be >= 1"),
+    # Each crashed mid-run with a traceback, or (epochs=0) exited 0 having trained nothing, before
+    ("solver.lr=-0.1", r"'solver.lr' must be > 0, got -0.1"),
+    ("input.test_min_size=0", "'input.test_min_size' must be > 0"),
+    ("input.hflip_prob=1.5", r"'input.hflip_prob' must be in \[0, 1\]"),
+    ("data.num_workers=-1", "'data.num_workers' must be >= 0"),
+    ("model.fpn_channels=0", "'model.fpn_channels' must be >= 1"),
+    ("solver.epochs=0", "'solver.epochs' must be >= 1"),
+    ("solver.momentum=1.5", r"'solver.momentum' must be in \[0, 1\)"),
+    ("input.lsj_scale=[2.0,0.1]", "'input.lsj_scale' must be \\[low, high\\] with 0 < low <= high"),
 ])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):

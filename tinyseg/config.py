@@ -343,22 +343,47 @@ def check_predict(p: PredictConfig) -> None:
         raise ConfigError("; ".join(bad))
 
 
+# (holds, rule) per setting: values that crash mid-run, or train nothing without a word, are refused up front
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+_POSITIVE_SIZES = (lambda v: bool(v) and min(v) > 0, "one or more positive values")
+RANGES = {
+    "data": {"val_fraction": _FRACTION, "folds": (lambda v: v == 0 or v >= 2, "0 (off) or at least 2"),
+             "num_workers": _AT_LEAST_0, "max_image_pixels": _POSITIVE},
+    "input": {"min_size": _POSITIVE_SIZES, "max_size": _POSITIVE, "test_min_size": _POSITIVE,
+              "test_max_size": _POSITIVE, "hflip_prob": _PROBABILITY, "copies": _AT_LEAST_1,
+              "flipped_copies": _AT_LEAST_0, "lsj_size": _POSITIVE, "copy_paste_prob": _PROBABILITY,
+              "lsj_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+              "repeat_threshold": _AT_LEAST_0},
+    "model": {"trainable_layers": (lambda v: 0 <= v <= 5, "in 0..5"), "fpn_channels": _AT_LEAST_1,
+              "anchor_sizes": _POSITIVE_SIZES, "box_head_dim": _AT_LEAST_1, "box_head_dropout": _FRACTION,
+              "mask_head_dropout": _FRACTION, "mask_head_convs": _AT_LEAST_1,
+              "mask_head_channels": (lambda v: v >= 0, ">= 0 (0 = fpn_channels)"),
+              "rpn_batch_size_per_image": _AT_LEAST_1, "box_batch_size_per_image": _AT_LEAST_1,
+              "rpn_post_nms_top_n_train": _AT_LEAST_1, "rpn_post_nms_top_n_test": _AT_LEAST_1},
+    "solver": {"lr": _POSITIVE, "momentum": _FRACTION, "weight_decay": _AT_LEAST_0, "batch_size": _AT_LEAST_1,
+               "accumulate": _AT_LEAST_1, "epochs": _AT_LEAST_1, "max_iters": _AT_LEAST_0,
+               "step_epochs": (lambda v: all(e >= 1 for e in v), "epochs >= 1"), "gamma": _POSITIVE,
+               "warmup_iters": _AT_LEAST_0, "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+               "clip_grad_norm": _AT_LEAST_0, "reference_batch": _AT_LEAST_0, "ema_decay": _OPEN_UNIT},
+    "train": {"eval_every": _AT_LEAST_0, "log_every": _AT_LEAST_1, "max_time_min": _AT_LEAST_0,
+              "dist_timeout_min": _POSITIVE},
+    "eval": {"ci_resamples": _AT_LEAST_0, "ci_level": _OPEN_UNIT},
+}
+
+
 def validate(config: Config) -> None:
     check_predict(config.predict)
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise ConfigError(f"'{section}.{key}' must be one of {', '.join(allowed)}, got '{value}'")
-    if not config.input.min_size or min(config.input.min_size) <= 0:
-        raise ConfigError("'input.min_size' needs at least one positive size")
-    if config.solver.batch_size < 1 or config.solver.accumulate < 1:
-        raise ConfigError("'solver.batch_size' and 'solver.accumulate' must be >= 1")
-    if config.model.mask_head_convs < 1 or config.model.mask_head_channels < 0:
-        raise ConfigError(f"'model.mask_head_convs' must be >= 1 and 'model.mask_head_channels' >= 0 (0 = "
-                          f"fpn_channels), got {config.model.mask_head_convs} and {config.model.mask_head_channels}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ConfigError("'data.val_fraction' must be in [0, 1)")
-    if config.data.folds < 0 or config.data.folds == 1:
-        raise ConfigError(f"'data.folds' must be 0 (off) or at least 2, got {config.data.folds}")
-    if config.eval.ci_resamples < 0 or not 0.0 < config.eval.ci_level < 1.0:
-        raise ConfigError("'eval.ci_resamples' must be >= 0 (0 = off) and 'eval.ci_level' in (0, 1)")
+    bad = [f"'{section}.{key}' must be {rule}, got {getattr(getattr(config, section), key)}"
+           for section, rules in RANGES.items() for key, (holds, rule) in rules.items()
+           if not holds(getattr(getattr(config, section), key))]
+    if bad:
+        raise ConfigError("; ".join(bad))
