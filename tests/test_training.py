@@ -236,3 +236,26 @@ def test_a_warm_up_longer_than_half_the_run_is_flagged(shapes, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="tinyseg"):
         train(config)
     assert "warmup_iters" not in caplog.text
+
+
+def test_resume_goes_on_with_the_run_s_own_settings_and_refuses_another_model(shapes, tmp_path):
+    """Without --config, a resume built the default model (resnet50) and failed on last.pt; with another
+    model it failed in load_state_dict with a traceback, config.yaml already rewritten."""
+    import shutil
+
+    from conftest import run_cli
+
+    train(tiny_config(shapes, tmp_path, "solver.epochs=1", "train.eval_every=0"))
+    saved = (tmp_path / "config.yaml").read_text()
+    other = run_cli("train", "--config", str(tmp_path / "config.yaml"), "--output-dir", str(tmp_path), "--resume",
+                    "model.fpn_channels=64", "solver.optimizer=sgd", check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert "model.fpn_channels: 32 -> 64; solver.optimizer: 'adamw' -> 'sgd'" in other.stderr
+    assert (tmp_path / "config.yaml").read_text() == saved and load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    shutil.copy(shapes["val"], tmp_path / "val_copy.json")
+    extended = run_cli("train", "--output-dir", str(tmp_path), "--val-json", str(tmp_path / "val_copy.json"),
+                       "--resume", "solver.epochs=2", check=False)
+    assert extended.returncode == 0, extended.stderr
+    assert "continues on other data than it was trained on (data.val_json:" in extended.stderr
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["model"]["backbone"] == "resnet18"

@@ -104,14 +104,16 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
 
 
 def train(config: Config | str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides.
+    """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides
+    (resume=True without a config goes on with the run's own config.yaml in train.output_dir).
 
     Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}; with
     data.folds > 0 it cross-validates as `tinyseg train --folds K` does and returns `cross_validate`'s summary.
     """
+    from .training.resume import resume_config
     from .training.trainer import train as run_training
 
-    config = _configured(config, overrides)
+    config = resume_config(overrides or []) if config is None and resume else _configured(config, overrides)
     if config.data.folds:
         return cross_validate(config, resume=resume)
     return run_training(config, resume=resume)

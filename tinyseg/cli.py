@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb")
 
     train = verbs.add_parser("train", help="train a model; writes a run directory")
-    train.add_argument("--config", default="default", help="a preset name or a YAML path (default: default)")
+    train.add_argument("--config", help="a preset name or a YAML path (default: default; with --resume, the"
+                                        " run's own config.yaml)")
     train.add_argument("--train-json", help="COCO JSON, or a labelme folder, a YOLO dataset YAML, a VOC folder")
     train.add_argument("--image-dir", help="the images of a COCO --train-json (the other formats know theirs)")
     train.add_argument("--val-json")

@@ -67,7 +67,12 @@ def train_config(args: argparse.Namespace):
         given.append(f"data.folds={args.folds}")
     if getattr(args, "format", None):
         given.append(f"data.format={args.format}")
-    return load_config(args.config, given + list(args.overrides))
+    overrides = given + list(args.overrides)
+    if args.config is None and getattr(args, "resume", False):
+        from .training.resume import resume_config
+
+        return resume_config(overrides)
+    return load_config(args.config or "default", overrides)
 
 
 def launch_torchrun(argv: list[str], devices: int) -> int:

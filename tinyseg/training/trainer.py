@@ -22,12 +22,13 @@ from ..inference.jobs import predict_and_score
 from ..model import apply_inference_settings, build_model, set_precision
 from ..model.backbones import check_backbone
 from ..runtime import distributed as dist
-from ..runtime.checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.checkpoint import save_checkpoint
 from ..runtime.files import atomic_write_text, write_json
 from ..runtime.metrics_log import SHORT_NAMES, MetricsLogger, memory_mb
 from ..runtime.precision import resolve_amp, resolve_device
 from ..runtime.seeding import restore_rng, rng_state, seed_everything
 from .optim import ModelEma, build_optimizer, build_scheduler
+from .resume import resumable_state
 from .tracking import start_tracking
 
 log = logging.getLogger("tinyseg")
@@ -49,13 +50,14 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds of earlier runs of this job (resume)
         self.started: float | None = None  # when fit() began; the budgeted schedule reads it
         check_backbone(cfg.model)  # a typo in the name is told before minutes of data checks
+        resumed = resumable_state(cfg) if resume else None  # so is a resume with another model
         self.data: TrainingData = build_training_data(cfg)  # every check before the first step
         self._build_model()
         self._build_loader()
         self._build_solver()
         self.best: dict[str, Any] = {"segm_AP50": -1.0}
-        if resume:
-            self._resume()
+        if resumed is not None:
+            self._resume(resumed)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -143,16 +145,15 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self.started if self.started is not None else 0.0)
 
-    def _resume(self) -> None:
+    def _resume(self, state: dict[str, Any]) -> None:
         path = self.run_dir / "last.pt"
-        state = load_checkpoint(path)
         CategoryMap.from_dict(state["categories"]).check_same(self.data.categories, path, self.cfg.data.train_json)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
-            # load_checkpoint maps to the CPU; the average must live where the model does (CUDA).
+            # the checkpoint is loaded to the CPU; the average must live where the model does (CUDA).
             self.ema.state = {k: v.to(self.device) for k, v in state["ema"].items()}
             self.ema.updates = state.get("ema_updates", 0)
         self.epoch, self.iteration, self.epoch_step = state["epoch"], state["iteration"], state["epoch_step"]
