@@ -363,3 +363,24 @@ def test_check_data_and_evaluate_read_a_labelme_folder(tmp_path):
         d["segmentation"]["counts"] = d["segmentation"]["counts"].decode("ascii")
     results = score(load_ground_truth(str(tmp_path)), detections, ("segm",))
     assert results["segm"]["stats"]["AP50"] == pytest.approx(1.0)
+
+
+def test_an_image_folder_given_beside_yolo_labels_is_named_unused_and_never_recorded(tmp_path, shapes, caplog):
+    """The stray folder went into config.yaml as data.image_dir, where the report looked for the images; and
+    check-data said nothing about it."""
+    from tinyseg.data.check import check_dataset
+    from tinyseg.data.training_data import build_training_data
+
+    from conftest import tiny_config
+
+    path = yolo_dataset(tmp_path, ["0 0.1 0.1 0.5 0.1 0.5 0.5"], val_lines=["1 0.2 0.2 0.6 0.2 0.6 0.6"])
+    stray = str(shapes["images"])
+    config = tiny_config(shapes, tmp_path / "run", f"data.train_json={path}", "data.val_json=",
+                         f"data.image_dir={stray}", f"data.val_image_dir={stray}")
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        build_training_data(config)
+    assert f"the image folder {stray} is not used" in caplog.text
+    assert (config.data.image_dir, config.data.val_image_dir) == (str(tmp_path / "images" / "train"),
+                                                                  str(tmp_path / "images" / "val"))
+    report, usable = check_dataset(str(path), stray, 10**8)
+    assert usable and f"WARNING {path}: image folder: yolo labels name their own images" in report

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from .coco import ERROR, DatasetError
-from .formats import inspect_dataset, resolve_format
+from .formats import inspect_dataset, resolve_format, unused_image_dir
 from .images import check_images
 
 
@@ -18,6 +18,8 @@ def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "a
     if fmt == "coco" and not image_dir:
         raise DatasetError(f"{json_path}: a COCO file needs its image folder: tinyseg check-data {json_path} IMAGES/")
     data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt)
+    if data is not None:
+        problems = problems + unused_image_dir(json_path, fmt, data.image_dir, image_dir)
     image_dir = (data.image_dir if data is not None else "") or image_dir
     lines = [f"dataset {json_path} ({fmt}) with images in {image_dir}"]
     if data is not None:

@@ -28,7 +28,7 @@ def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annota
                  fmt: str = "auto", split: str = "", crowd_rle_as_instances: bool = False) -> CocoData:
     """Load the labels (COCO, or labelme / YOLO / VOC converted in memory: data/formats) and open every image
     they name; raise DatasetError listing all problems. The result's image_dir is where the images are."""
-    from .formats import load_dataset, resolve_format
+    from .formats import load_dataset, resolve_format, unused_image_dir
 
     if not json_path:
         raise DatasetError("no annotation file given (data.train_json / --train-json)")
@@ -40,9 +40,8 @@ def load_checked(json_path: str, image_dir: str, max_pixels: int, require_annota
         what = "is not a folder" if Path(image_dir).exists() else "does not exist"
         raise DatasetError(f"image folder '{image_dir}' for {json_path} {what}")
     data = load_dataset(json_path, require_annotations, fmt, split, crowd_rle_as_instances)
-    if data.image_dir and image_dir and Path(image_dir).resolve() != Path(data.image_dir).resolve():
-        log.warning("%s: %s labels name their own images (in %s); the image folder %s is not used", json_path,
-                    fmt, data.image_dir, image_dir)
+    for unused in unused_image_dir(json_path, fmt, data.image_dir, image_dir):
+        log.warning("%s", unused)
     image_dir = data.image_dir = data.image_dir or image_dir
     problems = check_images(image_dir, data.images, json_path, max_pixels)
     if problems:
@@ -82,9 +81,11 @@ def build_training_data(cfg: Config) -> TrainingData:
     if missing and not val_json:  # the file itself was complete; the split took them
         log.warning("after the train/val split, %d categories have no training instance (the model cannot"
                     " learn them): %s", len(missing), ", ".join(missing))
-    # config.yaml then says where the images were read (labelme, YOLO and VOC labels bring their own).
-    d.image_dir = d.image_dir or str(train_dir)
-    if val_dir != train_dir and not d.val_image_dir:
+    # config.yaml then says where the images were read (labelme, YOLO and VOC labels bring their own), not a
+    # folder given beside them and never read, which the report and a resume would take for the images.
+    if not d.image_dir or Path(d.image_dir).resolve() != train_dir.resolve():
+        d.image_dir = str(train_dir)
+    if val_dir.resolve() != Path(d.val_image_dir or d.image_dir).resolve():
         d.val_image_dir = str(val_dir)
     return TrainingData(train.categories, kept, train_dir, val_records, val_dir,
                         gt_source.to_coco_dict(val_records) if val_records else None)

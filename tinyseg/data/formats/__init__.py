@@ -115,6 +115,14 @@ def val_split(path: str | Path, fmt: str = "auto") -> str:
         return ""
 
 
+def unused_image_dir(path: str | Path, fmt: str, own: str | Path, given: str | Path) -> list[Problem]:
+    """labelme, YOLO and VOC labels name their own images: an image folder given besides them is not read."""
+    if not own or not given or Path(own).resolve() == Path(given).resolve():
+        return []
+    return [Problem(str(path), "image folder", f"{fmt} labels name their own images (in {own}); the image folder"
+                    f" {given} is not used", WARNING)]
+
+
 def crowd_rle_warning(name: str, entries: list) -> list[Problem]:
     """CVAT's COCO export writes every mask drawn with its brush as an RLE with iscrowd=1, which training and
     evaluation ignore. COCO's own convention (polygon objects, RLE crowds) is left alone: the warning needs
