@@ -140,6 +140,12 @@ def test_check_data_reports_and_exits(shapes, tmp_path):
     bad.write_text(json.dumps(data))
     result = run_cli("check-data", str(bad), str(shapes["images"]), check=False)
     assert result.returncode == 1 and "nope.png" in result.stdout and "not found" in result.stdout
+    # No instance at all: `train` refuses it, and check-data called it usable before.
+    data = json.loads(shapes["train"].read_text())
+    bad.write_text(json.dumps({**data, "annotations": [{**a, "iscrowd": 1} for a in data["annotations"]]}))
+    result = run_cli("check-data", str(bad), str(shapes["images"]), check=False)
+    assert result.returncode == 1 and "no image has a (non-crowd) instance" in result.stdout
+    assert "NOT usable" in result.stdout
 
 
 def test_visualize_ground_truth_browser(shapes, tmp_path):

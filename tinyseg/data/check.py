@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from .coco import ERROR, DatasetError
+from .coco import ERROR, DatasetError, Problem
 from .formats import inspect_dataset, resolve_format, unused_image_dir
 from .images import check_images
 
@@ -20,6 +20,9 @@ def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "a
     data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt)
     if data is not None:
         problems = problems + unused_image_dir(json_path, fmt, data.image_dir, image_dir)
+        if not any(record.has_instances for record in data.images):  # train refuses it: so must this
+            problems.append(Problem(json_path, "annotations", "no image has a (non-crowd) instance: nothing to"
+                                    " train or score on"))
     image_dir = (data.image_dir if data is not None else "") or image_dir
     lines = [f"dataset {json_path} ({fmt}) with images in {image_dir}"]
     if data is not None:
