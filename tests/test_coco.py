@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from tinyseg.data.coco import CategoryMap, DatasetError, decode_masks, inspect_coco, load_coco, segmentation_to_rle
+from tinyseg.data.coco import CategoryMap, DatasetError, inspect_coco, load_coco
+
+from tinyseg.data.rle import decode_masks, segmentation_to_rle
 
 from conftest import needs_shared
 
@@ -82,6 +84,9 @@ BAD = {
     "negative box": (_coco(annotations=_annotation(bbox=[1, 1, -2, 3])), "zero-size or negative"),
     "rle size": (_coco(annotations=_annotation(segmentation={"size": [5, 5], "counts": "25"})), "RLE size"),
     "duplicate image": (_coco(images=_coco()["images"] * 2), "duplicate image id"),
+    # per-class AP50 is keyed by name: one of the two classes vanished from every table before
+    "duplicate category name": (_coco(categories=[{"id": 1, "name": "thing"}, {"id": 4, "name": "thing"}]),
+                                "categories[1] id=4: name 'thing' is also category id 1's"),
     "duplicate annotation": (_coco(annotations=_annotation() * 2), "duplicate annotation id"),
     "traversal": (_coco(images=[{"id": 1, "file_name": "../x.png", "height": 10, "width": 10}]), "leaves the image"),
     "absolute": (_coco(images=[{"id": 1, "file_name": "/etc/passwd", "height": 10, "width": 10}]), "leaves the image"),
@@ -154,7 +159,7 @@ def test_masks_cached_up_front_are_not_converted_again(shapes, monkeypatch):
 
 
 def test_compressed_counts_parser_agrees_with_pycocotools():
-    from tinyseg.data.coco import compressed_rle_counts
+    from tinyseg.data.rle import compressed_rle_counts
 
     rng = np.random.default_rng(0)
     for _ in range(20):

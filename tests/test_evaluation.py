@@ -51,7 +51,7 @@ def test_crowd_regions_are_ignored_like_coco(trained_run, detections):
     gt = json.loads(trained_run["shapes"]["test_gt"].read_text())
     for annotation in gt["annotations"][::3]:
         annotation["iscrowd"] = 1
-        from tinyseg.data.coco import segmentation_to_rle
+        from tinyseg.data.rle import segmentation_to_rle
         image = next(i for i in gt["images"] if i["id"] == annotation["image_id"])
         rle = segmentation_to_rle(annotation["segmentation"], image["height"], image["width"])
         annotation["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}

@@ -9,7 +9,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 
 import tinyseg.training.report as report
 from tinyseg.config import Config
-from tinyseg.data.coco import segmentation_to_rle
+from tinyseg.data.rle import segmentation_to_rle
 from tinyseg.evaluation.coco_eval import evaluate_detections
 
 

@@ -5,7 +5,9 @@ import json
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tinyseg.data.coco import load_coco, segmentation_to_rle
+from tinyseg.data.coco import load_coco
+
+from tinyseg.data.rle import segmentation_to_rle
 from tinyseg.data.check import check_dataset
 
 from conftest import TINY, needs_shared, run_cli

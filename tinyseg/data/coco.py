@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .rle import compressed_rle_counts
 
 ERROR, WARNING = "error", "warning"
 # labelme's class-list placeholders, not classes (its COCO export writes `_background_` as category 0).
@@ -186,6 +186,10 @@ def _check_categories(name: str, entries: list, problems: list[Problem]) -> dict
             continue
         if entry["id"] in categories:
             problems.append(Problem(name, f"{where} id={entry['id']}", "duplicate category id"))
+        twins = [c for c, e in categories.items() if "name" in entry and e.get("name") == entry["name"]]
+        if twins and twins[0] != entry["id"]:  # classes no one can tell apart, and one row per name in every table
+            problems.append(Problem(name, f"{where} id={entry['id']}", f"name {entry['name']!r} is also category id"
+                                    f" {twins[0]}'s: merge them, or rename one"))
         categories[int(entry["id"])] = entry
     if not categories and not problems:
         problems.append(Problem(name, "categories", "no categories defined"))
@@ -331,30 +335,6 @@ def _id_type_problems(entry: dict, keys: tuple[str, ...], optional: tuple[str, .
     return None
 
 
-def compressed_rle_counts(counts: str) -> list[int] | None:
-    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None if malformed:
-    pycocotools accepts any string here and fails only when the mask is decoded, in the first batch."""
-    runs: list[int] = []
-    position = 0
-    while position < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(counts):
-                return None  # the last number is cut off
-            code = ord(counts[position]) - 48
-            if not 0 <= code < 64:
-                return None
-            value |= (code & 0x1F) << shift
-            more = bool(code & 0x20)
-            position, shift = position + 1, shift + 5
-            if not more and code & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
-
-
 def is_safe_relative(file_name: str) -> bool:
     path = Path(file_name)
     return not path.is_absolute() and ".." not in path.parts and not file_name.startswith(("/", "\\"))
@@ -366,34 +346,3 @@ def _is_int(value: Any) -> bool:
 
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
-    """One compressed RLE for a polygon list (parts merged), an uncompressed RLE or a compressed one."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def decode_mask(rle: dict, height: int, width: int) -> np.ndarray:
-    """One (H, W) bool mask from a compressed RLE."""
-    return decode_masks([rle], height, width)[0].astype(bool)
-
-
-def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
-    """(N, H, W) uint8 masks from compressed RLEs, decoded in one call.
-
-    faster-coco-eval decodes rather than pycocotools: under numpy 2 every pycocotools decode fails once
-    inside numpy and is retried after a DeprecationWarning, and an exception raised while that warning
-    is emitted (a Ctrl-C arriving then, or warnings as errors) surfaces as a TypeError instead.
-    """
-    from faster_coco_eval.core import mask as rle_codec
-
-    if not rles:
-        return np.zeros((0, height, width), dtype=np.uint8)
-    return np.ascontiguousarray(rle_codec.decode(rles).transpose(2, 0, 1))

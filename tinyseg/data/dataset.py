@@ -10,7 +10,9 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as F
 
-from .coco import CategoryMap, ImageRecord, decode_masks, segmentation_to_rle
+from .coco import CategoryMap, ImageRecord
+
+from .rle import decode_masks, segmentation_to_rle
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_path, load_rgb
 
 

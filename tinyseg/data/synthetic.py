@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .coco import decode_mask
+from .rle import decode_mask
 
 SHAPES = ("circle", "square", "triangle")
 

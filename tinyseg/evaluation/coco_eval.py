@@ -138,7 +138,7 @@ def detections_for_images(gt: dict[str, Any], detections: list[dict], allow_subs
 def _with_compressed_rle(detection: dict, index: int, size: tuple[int, int]) -> dict:
     """The detection with its polygons or uncompressed RLE as one compressed RLE, the only mask form
     COCO's loadRes reads; a compressed RLE of another size than its image is refused."""
-    from ..data.coco import segmentation_to_rle
+    from ..data.rle import segmentation_to_rle
 
     segmentation = detection.get("segmentation")
     if segmentation is None:
@@ -199,7 +199,7 @@ def _with_areas(gt: dict[str, Any]) -> dict[str, Any]:
     """COCO's evaluation uses annotation areas for the size ranges and crowd handling; fill them if absent."""
     from pycocotools import mask as mask_utils
 
-    from ..data.coco import segmentation_to_rle
+    from ..data.rle import segmentation_to_rle
 
     sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
     given = [a.get("id") for a in gt.get("annotations", [])]
@@ -265,7 +265,7 @@ def image_f1(gt: dict[str, Any], detections: list[dict], score_thresh: float = P
 
     from pycocotools import mask as mask_utils
 
-    from ..data.coco import segmentation_to_rle
+    from ..data.rle import segmentation_to_rle
 
     sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
     truths, found = defaultdict(list), defaultdict(list)

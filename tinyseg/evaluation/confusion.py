@@ -30,7 +30,7 @@ def confusion_matrix(gt: dict[str, Any], detections: list[dict], score_thresh: f
     """
     from pycocotools import mask as mask_utils
 
-    from ..data.coco import segmentation_to_rle
+    from ..data.rle import segmentation_to_rle
 
     categories = sorted(gt["categories"], key=lambda c: c["id"])
     index = {c["id"]: k for k, c in enumerate(categories)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.coco import decode_mask, segmentation_to_rle
+from ..data.rle import decode_mask, segmentation_to_rle
 from ..data.images import image_path, load_rgb
 from ..runtime.files import atomic_write
 

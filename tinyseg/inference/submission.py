@@ -87,7 +87,7 @@ def check_submission(submission_path: str | Path, images_json: str | Path,
 
 
 def _entry_problems(entry: Any, images: dict, category_ids: set) -> list[str]:
-    from ..data.coco import decode_masks
+    from ..data.rle import decode_masks
 
     if not isinstance(entry, dict):
         return [f"not an object: {entry!r:.60}"]

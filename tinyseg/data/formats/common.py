@@ -126,7 +126,7 @@ class CocoBuilder:
         """Append an annotation (polygon list or mask RLE); None, and nothing added, when its mask is empty."""
         from pycocotools import mask as mask_utils
 
-        from ..coco import segmentation_to_rle
+        from ..rle import segmentation_to_rle
 
         rle = segmentation_to_rle(segmentation, image["height"], image["width"])
         area = float(mask_utils.area(rle))

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..coco import DatasetError, Problem, decode_mask, read_json, segmentation_to_rle
+from ..coco import DatasetError, Problem, read_json
+
+from ..rle import decode_mask, segmentation_to_rle
 from .common import CocoBuilder, absolute, image_root, read_class_names
 
 IGNORE = "__ignore__"

@@ -81,7 +81,7 @@ def instance_polygon(segmentation: Any, height: int, width: int) -> np.ndarray |
     if isinstance(segmentation, list):
         parts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in segmentation if len(p) >= 6]
     else:
-        from ..coco import decode_masks, segmentation_to_rle
+        from ..rle import decode_masks, segmentation_to_rle
 
         parts = mask_polygons(decode_masks([segmentation_to_rle(segmentation, height, width)], height, width)[0])
     if not parts:
