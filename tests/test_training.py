@@ -259,3 +259,9 @@ def test_resume_goes_on_with_the_run_s_own_settings_and_refuses_another_model(sh
     assert "continues on other data than it was trained on (data.val_json:" in extended.stderr
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2 and state["config"]["model"]["backbone"] == "resnet18"
+    # weights that do not fit what the settings build, whatever the settings say: one line, no traceback
+    state["config"]["model"]["fpn_channels"] = 64
+    save_checkpoint(tmp_path / "last.pt", state)
+    unfit = run_cli("train", "--output-dir", str(tmp_path), "--resume", "model.fpn_channels=64", check=False)
+    assert unfit.returncode == 2 and "does not fit the model or optimizer" in unfit.stderr, unfit.stderr
+    assert "Traceback" not in unfit.stderr

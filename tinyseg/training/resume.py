@@ -44,7 +44,8 @@ def resumable_state(cfg: Config) -> dict[str, Any]:
     changed = [f"{section}.{key}: {saved[section][key]!r} -> {now[section][key]!r}"
                for section, keys in WEIGHT_SHAPING.items()
                for key in (keys or [k for k in now[section] if k not in FIRST_WEIGHTS_ONLY])
-               if key in saved.get(section, {}) and saved[section][key] != now[section][key]]
+               if key in saved.get(section, {}) and saved[section][key] != now[section][key]
+               and now[section][key] != "auto"]  # config.yaml holds what `auto` resolved to (model.arch)
     if changed:
         raise ConfigError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}), so its weights"
                           f" and optimizer state cannot be continued; leave out --config to resume with the run's"

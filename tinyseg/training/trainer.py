@@ -22,7 +22,7 @@ from ..inference.jobs import predict_and_score
 from ..model import apply_inference_settings, build_model, set_precision
 from ..model.backbones import check_backbone
 from ..runtime import distributed as dist
-from ..runtime.checkpoint import save_checkpoint
+from ..runtime.checkpoint import CheckpointError, save_checkpoint
 from ..runtime.files import atomic_write_text, write_json
 from ..runtime.metrics_log import SHORT_NAMES, MetricsLogger, memory_mb
 from ..runtime.precision import resolve_amp, resolve_device
@@ -148,8 +148,13 @@ class Trainer:
     def _resume(self, state: dict[str, Any]) -> None:
         path = self.run_dir / "last.pt"
         CategoryMap.from_dict(state["categories"]).check_same(self.data.categories, path, self.cfg.data.train_json)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:  # what resumable_state cannot see (an `auto` that now resolves otherwise) still gets one line
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"--resume: {path} does not fit the model or optimizer this config builds"
+                                  f" ({str(error).strip().splitlines()[-1].strip()[:200]}); resume with the run's"
+                                  " own config.yaml (leave out --config)") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
