@@ -100,6 +100,11 @@ def test_predictor_says_what_array_it_takes_and_an_empty_batch_is_empty(trained_
     assert predictor.predict_batch([]) == []  # it raised IndexError
     with pytest.raises(TypeError, match="uint8 array.*got float64"):  # it was PIL's "Cannot handle this data type"
         predictor(np.zeros((32, 32, 3)))
+    # one path was read letter by letter ("a: file not found"); an empty array divided by zero
+    with pytest.raises(TypeError, match="predict_batch takes a list of images, got one str"):
+        predictor.predict_batch("photo.jpg")
+    with pytest.raises(ValueError, match=r"an empty image \(0x0 pixels\)"):
+        predictor(np.zeros((0, 0, 3), dtype=np.uint8))
 
 
 def test_train_applies_overrides_to_a_config_it_is_given():
@@ -112,3 +117,10 @@ def test_train_applies_overrides_to_a_config_it_is_given():
         with pytest.raises(ConfigError, match="did you mean 'lr'"):  # read before any data
             run(config, ["solver.lrr=1"])
     assert config == Config()  # the caller's config is not changed
+    # one override string was taken letter by letter ("override 's' is not of the form key=value"), a dict
+    # as its keys alone: both are applied now
+    from tinyseg.api import _configured
+
+    assert _configured("demo", "solver.lr=0.5").solver.lr == 0.5
+    dict_given = _configured(config, {"solver.lr": 0.5, "model.backbone": "resnet18", "input.min_size": [96, 128]})
+    assert (dict_given.solver.lr, dict_given.model.backbone, dict_given.input.min_size) == (0.5, "resnet18", [96, 128])

@@ -106,6 +106,12 @@ def test_bad_inputs_give_one_clear_line(shapes, trained_run, tmp_path):
                      str(tmp_path / "run3"), check=False)
     assert result.returncode == 1 and "a COCO file needs its image folder (--image-dir" in result.stderr, result.stderr
 
+    # key=value after an option: argparse's "unrecognized arguments" before; every override is applied now
+    result = run_cli("train", "solver.lr=-1", "--output-dir", str(tmp_path / "run4"), "solver.epochs=0", check=False)
+    assert result.returncode == 2 and "'solver.lr' must be > 0" in result.stderr, result.stderr
+    assert "'solver.epochs' must be >= 1" in result.stderr and "unrecognized" not in result.stderr
+    assert "unrecognized arguments: --nope" in run_cli("train", "a.b=1", "--nope", "c.d=2", check=False).stderr
+
     # prediction settings that gave an empty or maskless submission, or a traceback (--tta-scales 0)
     for option, message in ((["--mask-thresh", "1.5"], "'predict.mask_thresh' (--mask-thresh) must be in (0, 1)"),
                             (["--score-thresh", "2"], "(--score-thresh) must be in [0, 1], got 2.0"),

@@ -229,6 +229,25 @@ def test_yolo_labels_and_bad_lines(tmp_path):
     assert "line 1" not in message
 
 
+def test_yolo_nc_mismatch_orphan_labels_and_a_folder_listed_twice(tmp_path):
+    """Each went by without a word: the images of a folder listed twice were trained twice under one id each, a
+    label file without its image was dropped, and an nc that disagrees with names was ignored."""
+    from tinyseg.data.formats import inspect_dataset
+
+    path = yolo_dataset(tmp_path, ["0 0.1 0.1 0.5 0.1 0.5 0.5"])
+    (tmp_path / "labels" / "train" / "gone.txt").write_text("1 0.1 0.1 0.5 0.1 0.5 0.5\n")
+    config = {**yaml.safe_load(path.read_text()), "train": ["images/train", "images/train"]}
+    path.write_text(yaml.safe_dump(config))
+    data, problems = inspect_dataset(path)
+    assert [r.file_name for r in data.images] == ["a.png", "empty.png"]
+    orphans = [str(p) for p in problems if "label file" in str(p)]
+    assert orphans == [f"{path}: train: 1 label file(s) have no image and are not read (first:"
+                       f" {tmp_path / 'labels' / 'train' / 'gone.txt'})"]
+    path.write_text(yaml.safe_dump({**config, "nc": 3}))
+    with pytest.raises(DatasetError, match="nc is 3 but names lists 2 classes"):
+        load_dataset(path)
+
+
 def test_yolo_dataset_given_by_a_relative_path_finds_its_labels(tmp_path, monkeypatch):
     path = yolo_dataset(tmp_path / "ds", ["1 0.1 0.1 0.5 0.1 0.5 0.5 0.1 0.5"])
     config = yaml.safe_load(path.read_text())
@@ -319,6 +338,12 @@ def test_convert_cli_summary_and_bad_input(tmp_path, capsys):
     result = run_cli("convert", str(bad), "--output", str(tmp_path / "y.json"), check=False)
     assert result.returncode == 1 and "a.txt: line 1: an odd number of coordinates" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "y.json").exists()
+    # a folder as the COCO file was an IsADirectoryError traceback; a .json name for --to yolo became a folder
+    for output, to, message in ((tmp_path / "lm", "coco", f"--output {tmp_path / 'lm'} is a folder"),
+                                (tmp_path / "y.json", "yolo", "--to yolo writes a dataset folder")):
+        result = run_cli("convert", str(tmp_path / "lm"), "--output", str(output), "--to", to, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "y.json").exists()
 
 
 def synthetic_labelme_folder(folder, count=4):

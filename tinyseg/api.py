@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -21,6 +22,8 @@ from .config import Config, TrainConfig, apply_override, load_config, validate
 from .data.images import load_rgb, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+# ["solver.lr=0.01", ...], one such string, or {"solver.lr": 0.01, "model.backbone": "resnet18"}
+Overrides = Union[Sequence[str], str, dict[str, Any], None]
 
 
 @dataclass
@@ -62,7 +65,10 @@ class Predictor:
         from .inference.predictor import mask_probs_output
         from .inference.tta import tta_forward
 
-        if not images:
+        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            raise TypeError(f"predict_batch takes a list of images, got one {type(images).__name__}: predictor(image)"
+                            " predicts one image")
+        if not len(images):
             return []
         tensors = [_to_tensor(image).to(self.loaded.device) for image in images]
         model, p = self.loaded.model, self.loaded.config.predict
@@ -100,10 +106,12 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
     else:
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
     array = np.asarray(picture, dtype=np.uint8)
+    if not array.size:  # a ZeroDivisionError deep in the resize, before
+        raise ValueError(f"an empty image ({array.shape[1]}x{array.shape[0]} pixels)")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
 
-def train(config: Config | str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+def train(config: Config | str | None = None, overrides: Overrides = None, resume: bool = False) -> dict[str, Any]:
     """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides
     (resume=True without a config goes on with the run's own config.yaml in train.output_dir).
 
@@ -113,24 +121,34 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
     from .training.resume import resume_config
     from .training.trainer import train as run_training
 
-    config = resume_config(overrides or []) if config is None and resume else _configured(config, overrides)
+    config = resume_config(_override_items(overrides)) if config is None and resume else _configured(config, overrides)
     if config.data.folds:
         return cross_validate(config, resume=resume)
     return run_training(config, resume=resume)
 
 
-def _configured(config: Config | str | None, overrides: list[str] | None) -> Config:
+def _override_items(overrides: Overrides) -> list[str]:
+    """`section.key=value` strings; one string was taken letter by letter before ("override 's' is not ...")."""
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, dict):
+        return [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+                for key, value in overrides.items()]
+    return list(overrides or [])
+
+
+def _configured(config: Config | str | None, overrides: Overrides) -> Config:
     """A preset name or YAML path loaded, or a copy of a Config, with the overrides applied to either."""
     if not isinstance(config, Config):
-        return load_config(config, overrides)
+        return load_config(config, _override_items(overrides))
     config = copy.deepcopy(config)  # the caller's Config stays as given
-    for item in overrides or []:
+    for item in _override_items(overrides):
         apply_override(config, item)
     validate(config)
     return config
 
 
-def cross_validate(config: Config | str | None = None, overrides: list[str] | None = None, folds: int | None = None,
+def cross_validate(config: Config | str | None = None, overrides: Overrides = None, folds: int | None = None,
                    resume: bool = False) -> dict[str, Any]:
     """k-fold cross-validation like `tinyseg train --folds K` (folds=None keeps the config's data.folds).
 
@@ -140,7 +158,7 @@ def cross_validate(config: Config | str | None = None, overrides: list[str] | No
     """
     from .training.cross_validation import cross_validate as run_cv
 
-    config = _configured(config, list(overrides or []) + ([f"data.folds={folds}"] if folds is not None else []))
+    config = _configured(config, _override_items(overrides) + ([f"data.folds={folds}"] if folds is not None else []))
     if config.data.folds < 2:
         from .config import ConfigError
 

@@ -179,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse gives a positional list only its first run: `train a=1 --output-dir R b=2` left b=2 out
+    if rest and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in rest):
+        args.overrides, rest = [*args.overrides, *rest], []
+    if rest:
+        parser.parse_args(argv)  # argparse's own error for what it does not know
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --devices N` relaunches with it
     if args.version:
         from . import __version__

@@ -284,6 +284,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .data.formats.convert import convert
 
+    output = Path(args.output)
+    if args.to == "coco" and output.is_dir():  # it was an IsADirectoryError traceback after the whole read
+        raise UsageError(f"--output {output} is a folder: name the COCO JSON file to write ({output / 'labels.json'})")
+    if args.to == "yolo" and (output.is_file() or output.suffix.lower() in (".json", ".yaml", ".yml")):
+        raise UsageError(f"--to yolo writes a dataset folder (data.yaml, labels/, images/): --output names a folder,"
+                         f" got {output}")
     print(convert(args.src, args.output, args.format or "auto", args.to, args.image_dir, args.split,
                   args.crowd_rle_as_instances))
     return 0

@@ -75,6 +75,8 @@ def class_names(path: Path, config: dict) -> tuple[list[str], list[int]]:
             raise DatasetError(f"{path}: names[{index}]: a class name must be a string, got {name!r}"
                                " (quote it in the YAML)")
     names = [str(n) for n in names]
+    if "nc" in config and config["nc"] != len(names):  # Ultralytics refuses this too: which one is right?
+        raise DatasetError(f"{path}: nc is {config['nc']!r} but names lists {len(names)} classes")
     ids = config.get("category_ids")
     if ids is None:
         return names, list(range(1, len(names) + 1))
@@ -129,6 +131,7 @@ def split_images(path: Path, config: dict, split: str) -> tuple[list[Path], Path
             images.append(entry)
     if not images:
         raise DatasetError(f"{path}: {split}: no images in {', '.join(str(e) for e in entries)}")
+    images = list(dict.fromkeys(absolute(image) for image in images))  # a folder listed twice is read once
     default = entries[0] if len(entries) == 1 and entries[0].is_dir() else images[0].parent
     return images, image_root(default, images)
 
@@ -141,6 +144,7 @@ def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]
     names, ids = class_names(path, config)
     images, root = split_images(path, config, split)
     builder = CocoBuilder(path, "yolo", names, ids)
+    _warn_orphan_labels(images, split_entries(path, config, split), path, split, builder)
     for image_file in images:
         if not image_file.is_file():
             builder.error(path, split, f"image {image_file} not found")
@@ -156,6 +160,15 @@ def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]
             except UnreadableText as error:
                 builder.problems.append(error.problem)
     return builder.result(), root, builder.problems
+
+
+def _warn_orphan_labels(images: list[Path], entries: list[Path], path: Path, split: str, builder: CocoBuilder) -> None:
+    """Label files of the split's folders that no image has: a renamed or deleted image, its objects silently lost."""
+    used = {absolute(label_path(image)) for image in images}
+    folders = dict.fromkeys(absolute(label_path(entry / "_").parent) for entry in entries if entry.is_dir())
+    orphans = sorted({p for folder in folders for p in folder.rglob("*.txt") if absolute(p) not in used})
+    if orphans:
+        builder.warn(path, split, f"{len(orphans)} label file(s) have no image and are not read (first: {orphans[0]})")
 
 
 def _read_labels(labels: Path, text: str, image: dict, ids: list[int], yaml_path: Path, builder: CocoBuilder) -> None:
