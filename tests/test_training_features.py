@@ -97,17 +97,17 @@ class _OnAnotherDevice(torch.Tensor):
 
 
 def test_resumed_ema_is_moved_to_the_model_device(shapes, tmp_path, monkeypatch):
-    import tinyseg.training.trainer as trainer_module
+    import tinyseg.training.resume as resume_module
 
     train(_ema_run(shapes, tmp_path, "train.eval_every=0", "solver.max_iters=2"))
-    real = trainer_module.load_checkpoint
+    real = resume_module.load_checkpoint
 
     def elsewhere(path):
         state = real(path)
         state["ema"] = {k: v.as_subclass(_OnAnotherDevice) for k, v in state["ema"].items()}
         return state
 
-    monkeypatch.setattr(trainer_module, "load_checkpoint", elsewhere)
+    monkeypatch.setattr(resume_module, "load_checkpoint", elsewhere)
     trainer = Trainer(_ema_run(shapes, tmp_path, "train.eval_every=0", "solver.max_iters=3"), resume=True)
     model_device = next(trainer.model.parameters()).device
     assert not any(isinstance(v, _OnAnotherDevice) for v in trainer.ema.state.values()), "EMA state never moved"
