@@ -156,3 +156,22 @@ def test_polygon_and_uncompressed_rle_detections_score_as_their_compressed_rle(c
     with caplog.at_level("WARNING", logger="tinyseg"):
         evaluate_detections(gt, boxes, ("segm",))
     assert "2 of 2 detection(s) have no 'segmentation'" in caplog.text and "--iou-type bbox" in caplog.text
+
+
+def test_a_results_file_for_part_of_the_images_is_flagged(tmp_path, caplog):
+    """Images left out of a results file count as missed: AP fell without a word, in evaluate and compare."""
+    from tinyseg.api import compare, evaluate
+
+    gt, detections = _square_gt([1, 2])
+    gt["images"].append({**gt["images"][0], "id": 2, "file_name": "b.png"})
+    gt["annotations"].append({**gt["annotations"][1], "id": 3, "image_id": 2})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    everywhere = detections + [{**detections[1], "image_id": 2}]
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        evaluate(tmp_path / "gt.json", everywhere, iou_types=("segm",), ci_resamples=0)
+    assert "no detection" not in caplog.text
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        evaluate(tmp_path / "gt.json", detections, iou_types=("segm",), ci_resamples=0)
+        compare(tmp_path / "gt.json", everywhere, detections, resamples=10)
+    message = "1 of 2 ground-truth image(s) with objects have no detection at all; they count as missed (first: 2)"
+    assert caplog.text.count(message) == 2 and "detections B (a list): " + message in caplog.text

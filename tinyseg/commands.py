@@ -183,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.coco_eval import format_report, read_detections
+    from .evaluation.coco_eval import format_report, note_images_without_detections, read_detections
     from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score
     from .inference.submission import write_submission
     from .runtime import distributed as dist
@@ -207,7 +207,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
     else:
-        results = score(gt, read_detections(args.detections), iou_types, args.allow_subset, **ci)
+        detections = read_detections(args.detections)
+        note_images_without_detections(gt.to_coco_dict(), detections, args.detections)
+        results = score(gt, detections, iou_types, args.allow_subset, **ci)
     print(format_report(results))
     if args.output:
         write_json(args.output, results)

@@ -331,3 +331,13 @@ def read_detections(detections: str | Path | list[dict]) -> list[dict]:
     if not isinstance(found, list):
         raise DatasetError(f"{detections}: a detections file must hold a JSON list of results")
     return found
+
+
+def note_images_without_detections(gt: dict[str, Any], detections: list[dict], source: str) -> None:
+    """A results file made on part of the images scores the rest as missed; AP then drops without a word."""
+    with_objects = {a["image_id"] for a in gt.get("annotations", []) if not a.get("iscrowd")}
+    missing = sorted(with_objects - {d.get("image_id") for d in detections if isinstance(d, dict)}, key=str)
+    if missing:
+        log.warning("%s: %d of %d ground-truth image(s) with objects have no detection at all; they count as missed"
+                    " (first: %s). A results file from a run on part of the images?", source, len(missing),
+                    len(with_objects), ", ".join(map(str, missing[:5])))

@@ -17,11 +17,15 @@ def compare_files(gt_json: str | Path, detections_a: str | Path | list[dict], de
                   seed: int | None = None, allow_subset: bool = False, fmt: str = "auto") -> dict[str, Any]:
     """compare_detections with the ground truth and the detections read from files (or given as lists)."""
     from ..data.formats import load_dataset, val_split
-    from .coco_eval import read_detections
+    from .coco_eval import note_images_without_detections, read_detections
 
-    gt = load_dataset(str(gt_json), fmt=fmt, split=val_split(str(gt_json), fmt))
+    gt = load_dataset(str(gt_json), fmt=fmt, split=val_split(str(gt_json), fmt)).to_coco_dict()
     found = [read_detections(d) for d in (detections_a, detections_b)]
-    result = compare_detections(gt.to_coco_dict(), found[0], found[1], iou_type, resamples, level, seed, allow_subset)
+    names = [str(d) if isinstance(d, (str, Path)) else f"detections {side} (a list)"
+             for d, side in zip((detections_a, detections_b), "AB")]
+    for detections, name in zip(found, names):
+        note_images_without_detections(gt, detections, name)
+    result = compare_detections(gt, found[0], found[1], iou_type, resamples, level, seed, allow_subset)
     result["A"], result["B"] = (str(d) if isinstance(d, (str, Path)) else "(list)" for d in (detections_a, detections_b))
     return result
 
