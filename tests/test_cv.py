@@ -96,6 +96,11 @@ def test_cross_validation_on_fruits_nuts_end_to_end(tmp_path, monkeypatch, capsy
              f"train.output_dir={out}"]
     assert cross_validate("scratch-cpu", paths + short, folds=3) == summary
     assert "mean " in capsys.readouterr().out
+    # --resume without --config goes on with the cross-validation's own settings (it fell back to `default`)
+    from tinyseg.api import train
+
+    assert train(None, [f"train.output_dir={out}"], resume=True) == summary
+    assert "mean " in capsys.readouterr().out
     # Another recipe in the same folder would mix two recipes' folds: refused, naming the setting.
     with pytest.raises(ConfigError, match="solver.lr"):
         cross_validate("scratch-cpu", paths + short + ["solver.lr=0.01"], folds=3)

@@ -148,7 +148,9 @@ def test_polygon_and_uncompressed_rle_detections_score_as_their_compressed_rle(c
     for bad, field in (({**detections[0], "segmentation": "x"}, "'segmentation' must be an RLE"),
                        ({**detections[0], "segmentation": [[1, 2, 3]]}, "or polygons"),
                        ({**detections[0], "segmentation": {**detections[0]["segmentation"], "size": [10, 20]}},
-                        r"segmentation size \[10, 20\] differs from image 1's \[20, 20\]")):
+                        r"segmentation size \[10, 20\] differs from image 1's \[20, 20\]"),
+                       ({**detections[0], "segmentation": {"size": [10, 20], "counts": [200]}},
+                        r"segmentation size \[10, 20\] differs")):
         with pytest.raises(DatasetError, match=field) as error:
             evaluate_detections(gt, [detections[1], bad], ("segm",))
         assert "detections[1]" in str(error.value)
@@ -175,3 +177,7 @@ def test_a_results_file_for_part_of_the_images_is_flagged(tmp_path, caplog):
         compare(tmp_path / "gt.json", everywhere, detections, resamples=10)
     message = "1 of 2 ground-truth image(s) with objects have no detection at all; they count as missed (first: 2)"
     assert caplog.text.count(message) == 2 and "detections B (a list): " + message in caplog.text
+    from tinyseg.data.coco import DatasetError
+
+    with pytest.raises(DatasetError, match="'image_id' must be an integer"):  # not "unhashable type: 'list'"
+        evaluate(tmp_path / "gt.json", [{**detections[0], "image_id": [1]}], iou_types=("segm",), ci_resamples=0)

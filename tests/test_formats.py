@@ -260,6 +260,12 @@ def test_cvat_crowd_masks_warned_and_read_as_instances(tmp_path):
     # COCO's own convention (polygon objects, an RLE crowd) is not CVAT's quirk: no warning.
     _, problems = inspect_dataset(cvat_file(tmp_path / "coco.json", attributes=False))
     assert not any("iscrowd=1" in str(p) for p in problems)
+    # check-data reads them as train would with data.crowd_rle_as_instances=true (no instance at all, else)
+    from conftest import run_cli
+
+    write_image(tmp_path / "a.png", size=(10, 10))
+    for flag, code in (([], 1), (["--crowd-rle-as-instances"], 0)):
+        assert run_cli("check-data", str(tmp_path / "cvat.json"), str(tmp_path), *flag, check=False).returncode == code
 
 
 def test_convert_cli_summary_and_bad_input(tmp_path, capsys):

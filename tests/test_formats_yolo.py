@@ -34,6 +34,7 @@ def test_yolo_nc_mismatch_orphan_labels_and_a_folder_listed_twice(tmp_path):
 
     path = yolo_dataset(tmp_path, ["0 0.1 0.1 0.5 0.1 0.5 0.5"])
     (tmp_path / "labels" / "train" / "gone.txt").write_text("1 0.1 0.1 0.5 0.1 0.5 0.5\n")
+    (tmp_path / "labels" / "train" / "classes.txt").write_text("cat\ndog\n")  # labelImg's, not an orphan
     config = {**yaml.safe_load(path.read_text()), "train": ["images/train", "images/train"]}
     path.write_text(yaml.safe_dump(config))
     data, problems = inspect_dataset(path)

@@ -254,7 +254,7 @@ def test_resume_goes_on_with_the_run_s_own_settings_and_refuses_another_model(sh
     assert (tmp_path / "config.yaml").read_text() == saved and load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     shutil.copy(shapes["val"], tmp_path / "val_copy.json")
     extended = run_cli("train", "--output-dir", str(tmp_path), "--val-json", str(tmp_path / "val_copy.json"),
-                       "--resume", "solver.epochs=2", check=False)
+                       "--resume", "solver.epochs=2", "model.rpn_post_nms_top_n_test=100", check=False)
     assert extended.returncode == 0, extended.stderr
     assert "continues on other data than it was trained on (data.val_json:" in extended.stderr
     state = load_checkpoint(tmp_path / "last.pt")
@@ -265,3 +265,6 @@ def test_resume_goes_on_with_the_run_s_own_settings_and_refuses_another_model(sh
     unfit = run_cli("train", "--output-dir", str(tmp_path), "--resume", "model.fpn_channels=64", check=False)
     assert unfit.returncode == 2 and "does not fit the model or optimizer" in unfit.stderr, unfit.stderr
     assert "Traceback" not in unfit.stderr
+    # no config.yaml: the default preset would have been trained from last.pt's folder without a word
+    lost = run_cli("train", "--output-dir", str(tmp_path / "elsewhere"), "--resume", check=False)
+    assert lost.returncode == 2 and "config.yaml not found, so the run's settings are unknown" in lost.stderr

@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
                        help=f"larger images are refused (default {DataConfig.max_image_pixels}, as "
                             "data.max_image_pixels)")
+    check.add_argument("--crowd-rle-as-instances", action="store_true",
+                       help="read iscrowd=1 RLE masks as objects, as data.crowd_rle_as_instances=true trains them")
 
     _add_convert_parser(verbs)
 

@@ -278,7 +278,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_dataset
 
-    report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels, args.format or "auto")
+    report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels, args.format or "auto",
+                                   args.crowd_rle_as_instances)
     print(report)
     return 0 if usable else 1
 

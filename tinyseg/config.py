@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,9 +345,9 @@ def check_predict(p: PredictConfig) -> None:
 
 
 # (holds, rule) per setting: values that crash mid-run, or train nothing without a word, are refused up front
-_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_0 = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-_POSITIVE = (lambda v: v > 0, "> 0")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "> 0")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
@@ -366,7 +367,7 @@ RANGES = {
               "rpn_batch_size_per_image": _AT_LEAST_1, "box_batch_size_per_image": _AT_LEAST_1,
               "rpn_post_nms_top_n_train": _AT_LEAST_1, "rpn_post_nms_top_n_test": _AT_LEAST_1},
     "solver": {"lr": _POSITIVE, "momentum": _FRACTION, "weight_decay": _AT_LEAST_0, "batch_size": _AT_LEAST_1,
-               "accumulate": _AT_LEAST_1, "epochs": _AT_LEAST_1, "max_iters": _AT_LEAST_0,
+               "accumulate": _AT_LEAST_1, "epochs": _AT_LEAST_0, "max_iters": _AT_LEAST_0,
                "step_epochs": (lambda v: all(e >= 1 for e in v), "epochs >= 1"), "gamma": _POSITIVE,
                "warmup_iters": _AT_LEAST_0, "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
                "clip_grad_norm": _AT_LEAST_0, "reference_batch": _AT_LEAST_0, "ema_decay": _OPEN_UNIT},
@@ -385,5 +386,7 @@ def validate(config: Config) -> None:
     bad = [f"'{section}.{key}' must be {rule}, got {getattr(getattr(config, section), key)}"
            for section, rules in RANGES.items() for key, (holds, rule) in rules.items()
            if not holds(getattr(getattr(config, section), key))]
+    if config.solver.epochs == 0 and config.solver.max_iters == 0:
+        bad.append("'solver.epochs' must be >= 1 (or solver.max_iters > 0), got 0")
     if bad:
         raise ConfigError("; ".join(bad))

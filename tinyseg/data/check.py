@@ -11,13 +11,15 @@ from .formats import inspect_dataset, resolve_format, unused_image_dir
 from .images import check_images
 
 
-def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "auto") -> tuple[str, bool]:
+def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "auto",
+                  crowd_rle_as_instances: bool = False) -> tuple[str, bool]:
     """(report text, usable): usable means no error-level problem (warnings are recoveries). Labels in
     another format (labelme, YOLO, VOC) are converted first and bring their own image folder."""
     fmt = resolve_format(json_path, fmt)
     if fmt == "coco" and not image_dir:
         raise DatasetError(f"{json_path}: a COCO file needs its image folder: tinyseg check-data {json_path} IMAGES/")
-    data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt)
+    data, problems = inspect_dataset(json_path, require_annotations=False, fmt=fmt,
+                                     crowd_rle_as_instances=crowd_rle_as_instances)
     if data is not None:
         problems = problems + unused_image_dir(json_path, fmt, data.image_dir, image_dir)
         if not any(record.has_instances for record in data.images):  # train refuses it: so must this

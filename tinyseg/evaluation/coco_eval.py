@@ -143,11 +143,12 @@ def _with_compressed_rle(detection: dict, index: int, size: tuple[int, int]) -> 
     segmentation = detection.get("segmentation")
     if segmentation is None:
         return detection
-    if isinstance(segmentation, dict) and not isinstance(segmentation["counts"], list):
+    if isinstance(segmentation, dict):
         if list(segmentation["size"]) != list(size):
             raise DatasetError(f"detections[{index}]: segmentation size {list(segmentation['size'])} differs from"
                                f" image {detection['image_id']}'s [{size[0]}, {size[1]}] (height, width)")
-        return detection
+        if not isinstance(segmentation["counts"], list):
+            return detection
     rle = segmentation_to_rle(segmentation, *size)
     return {**detection, "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}
 
@@ -336,7 +337,8 @@ def read_detections(detections: str | Path | list[dict]) -> list[dict]:
 def note_images_without_detections(gt: dict[str, Any], detections: list[dict], source: str) -> None:
     """A results file made on part of the images scores the rest as missed; AP then drops without a word."""
     with_objects = {a["image_id"] for a in gt.get("annotations", []) if not a.get("iscrowd")}
-    missing = sorted(with_objects - {d.get("image_id") for d in detections if isinstance(d, dict)}, key=str)
+    found = {d.get("image_id") for d in detections if isinstance(d, dict) and isinstance(d.get("image_id"), int)}
+    missing = sorted(with_objects - found, key=str)
     if missing:
         log.warning("%s: %d of %d ground-truth image(s) with objects have no detection at all; they count as missed"
                     " (first: %s). A results file from a run on part of the images?", source, len(missing),

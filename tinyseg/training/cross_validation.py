@@ -26,7 +26,7 @@ from ..config import Config, ConfigError
 from ..data.training_data import load_checked
 from ..data.coco import DatasetError, read_json
 from ..data.split import fold_assignments
-from ..runtime.files import write_json
+from ..runtime.files import atomic_write_text, write_json
 from ..runtime import distributed as dist
 from ..runtime.precision import resolve_device
 
@@ -123,6 +123,8 @@ def cross_validate(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
     if problem is not None:
         raise problem
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one writer per machine
+        # what `--resume` without --config continues with (each fold's own config.yaml is a fold's run)
+        atomic_write_text(Path(cfg.train.output_dir) / "config.yaml", cfg.to_yaml())
         for fold in folds:
             write_json(fold.run_dir / "train.json", coco_subset(full, fold.train_ids))
             write_json(fold.run_dir / "val.json", coco_subset(full, fold.val_ids))

@@ -20,6 +20,7 @@ from ..images import IMAGE_SUFFIXES
 from .common import CocoBuilder, UnreadableText, absolute, image_root, read_text
 
 # Normalised coordinates a little outside [0, 1] are rounding; far outside, they are pixels.
+NOT_LABELS = ("classes.txt",)  # labelImg and CVAT's YOLO exports keep the class names in the labels folder
 COORD_SLACK = 0.01
 
 
@@ -164,9 +165,12 @@ def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]
 
 def _warn_orphan_labels(images: list[Path], entries: list[Path], path: Path, split: str, builder: CocoBuilder) -> None:
     """Label files of the split's folders that no image has: a renamed or deleted image, its objects silently lost."""
-    used = {absolute(label_path(image)) for image in images}
+    used = {absolute(label_path(image)) for image in images} | {absolute(entry) for entry in entries}
+    # Only a labels/ folder of its own: beside the images, a .txt file may be anything (a list, notes)
     folders = dict.fromkeys(absolute(label_path(entry / "_").parent) for entry in entries if entry.is_dir())
-    orphans = sorted({p for folder in folders for p in folder.rglob("*.txt") if absolute(p) not in used})
+    folders = [folder for folder in folders if folder not in {absolute(entry) for entry in entries}]
+    orphans = sorted({p for folder in folders for p in folder.rglob("*.txt")
+                      if absolute(p) not in used and p.name not in NOT_LABELS})
     if orphans:
         builder.warn(path, split, f"{len(orphans)} label file(s) have no image and are not read (first: {orphans[0]})")
 
