@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from tinyseg.data.coco import DatasetError
-
 from tinyseg.data.rle import decode_masks, segmentation_to_rle
 from tinyseg.data.formats import detect_format, inspect_dataset, load_dataset, to_coco
 from tinyseg.data.formats.yolo_export import coco_to_yolo

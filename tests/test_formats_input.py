@@ -13,7 +13,6 @@ import yaml
 from PIL import Image
 
 from tinyseg.data.coco import DatasetError
-
 from tinyseg.data.rle import segmentation_to_rle
 from tinyseg.data.formats import inspect_dataset, load_dataset
 from test_formats import (cache_in_tmp, files_in, labelme_file, shape, synthetic_labelme_folder,  # noqa: F401

@@ -177,8 +177,7 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
     default to the config's `eval` section. Under torchrun, with a checkpoint, ranks other than 0 get None.
     """
     from .config import EvalConfig
-    from .evaluation.coco_eval import note_images_without_detections, read_detections
-    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score_detections
 
     if (detections is None) == (checkpoint is None):
         raise ValueError("give either detections or checkpoint (with image_dir)")
@@ -191,10 +190,7 @@ def evaluate(gt: str | Path, detections: str | Path | list[dict] | None = None, 
             raise ValueError("checkpoint needs image_dir")
         job = PredictJob(str(checkpoint), str(image_dir), device=device, num_workers=0, progress=False)
         return evaluate_checkpoint(job, truth, tuple(iou_types), allow_subset, **ci)[1]
-    source = str(detections) if isinstance(detections, (str, Path)) else "detections"
-    detections = read_detections(detections)
-    note_images_without_detections(truth.to_coco_dict(), detections, source)
-    return score(truth, detections, tuple(iou_types), allow_subset, **ci)
+    return score_detections(truth, detections, tuple(iou_types), allow_subset, **ci)
 
 
 def compare(gt: str | Path, a: str | Path | list[dict], b: str | Path | list[dict], iou_type: str = "segm",

@@ -183,8 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.coco_eval import format_report, note_images_without_detections, read_detections
-    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score
+    from .evaluation.coco_eval import format_report
+    from .inference.jobs import PredictJob, evaluate_checkpoint, load_ground_truth, score_detections
     from .inference.submission import write_submission
     from .runtime import distributed as dist
     from .runtime.files import write_json
@@ -207,9 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not dist.is_main():  # under torchrun, rank 0 scores the gathered detections
             return 0
     else:
-        detections = read_detections(args.detections)
-        note_images_without_detections(gt.to_coco_dict(), detections, args.detections)
-        results = score(gt, detections, iou_types, args.allow_subset, **ci)
+        results = score_detections(gt, args.detections, iou_types, args.allow_subset, **ci)
     print(format_report(results))
     if args.output:
         write_json(args.output, results)

@@ -11,7 +11,6 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as F
 
 from .coco import CategoryMap, ImageRecord
-
 from .rle import decode_masks, segmentation_to_rle
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_path, load_rgb
 

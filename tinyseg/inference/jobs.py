@@ -87,6 +87,17 @@ def score(gt: CocoData | dict, detections: list[dict], iou_types: tuple[str, ...
     return evaluate_detections(coco, detections, iou_types, allow_subset=allow_subset, **ci)
 
 
+def score_detections(gt: CocoData, detections: str | Path | list[dict], iou_types: tuple[str, ...] = ("segm", "bbox"),
+                     allow_subset: bool = False, **ci) -> dict:
+    """`score` of a results file (or list), saying first which ground-truth images it leaves out."""
+    from ..evaluation.coco_eval import note_images_without_detections, read_detections
+
+    found = read_detections(detections)
+    note_images_without_detections(gt.to_coco_dict(), found, str(detections) if isinstance(detections, (str, Path))
+                                   else "detections")
+    return score(gt, found, iou_types, allow_subset, **ci)
+
+
 def predict_and_score(model: torch.nn.Module, categories: CategoryMap, device: torch.device,
                       predict: PredictConfig, gt: CocoData | dict, image_dir: str | Path,
                       iou_types: tuple[str, ...] = ("segm", "bbox"), allow_subset: bool = False,

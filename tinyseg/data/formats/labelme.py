@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from ..coco import DatasetError, Problem, read_json
-
 from ..rle import decode_mask, segmentation_to_rle
 from .common import CocoBuilder, absolute, image_root, read_class_names
 

@@ -165,10 +165,11 @@ def to_coco(src: str | Path, split: str = "") -> tuple[dict, Path, list[Problem]
 
 def _warn_orphan_labels(images: list[Path], entries: list[Path], path: Path, split: str, builder: CocoBuilder) -> None:
     """Label files of the split's folders that no image has: a renamed or deleted image, its objects silently lost."""
-    used = {absolute(label_path(image)) for image in images} | {absolute(entry) for entry in entries}
+    listed = {absolute(entry) for entry in entries}
+    used = {absolute(label_path(image)) for image in images} | listed
     # Only a labels/ folder of its own: beside the images, a .txt file may be anything (a list, notes)
     folders = dict.fromkeys(absolute(label_path(entry / "_").parent) for entry in entries if entry.is_dir())
-    folders = [folder for folder in folders if folder not in {absolute(entry) for entry in entries}]
+    folders = [folder for folder in folders if folder not in listed]
     orphans = sorted({p for folder in folders for p in folder.rglob("*.txt")
                       if absolute(p) not in used and p.name not in NOT_LABELS})
     if orphans:
