@@ -58,7 +58,7 @@ PREDICT_VARIANTS = {
     "tinyseg": {},
     "fp32 (no bf16 anywhere)": {"amp": None},
     "heads in fp32": {"heads_fp32": True},
-    "single-threaded RoIAlign": {"serial_roi_align": True},
+    "torchvision's RoIAlign kernel": {"serial_roi_align": True},
     "frozen BN not folded": {"no_fold": True},
     "weights cast by autocast per call": {"no_weight_cast": True},
     "full-size float masks pasted": {"paste_full": True},

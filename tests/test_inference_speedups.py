@@ -15,7 +15,7 @@ from tinyseg.inference.masks import encode_masks, paste_masks_binary
 from tinyseg.inference.predictor import to_coco_results
 from tinyseg.model import build_model, prepare_for_inference, set_precision
 from tinyseg.model.for_inference import fold_frozen_batchnorm
-from tinyseg.model.roi_pool import ParallelMultiScaleRoIAlign
+from tinyseg.model.roi_pool import GatherMultiScaleRoIAlign
 
 
 def random_boxes(generator: torch.Generator, count: int, height: int, width: int) -> torch.Tensor:
@@ -24,19 +24,26 @@ def random_boxes(generator: torch.Generator, count: int, height: int, width: int
     return torch.cat([corners, corners + sizes], dim=1)
 
 
-def test_parallel_roi_align_equals_torchvision(monkeypatch):
+def test_gathered_roi_align_equals_torchvision():
+    """Two images, RoIs on every level, boxes at and beyond the map's edges and below a pixel."""
     generator = torch.Generator().manual_seed(0)
     features = {str(level): torch.randn(2, 8, 64 // 2**level, 80 // 2**level, generator=generator) for level in range(4)}
     boxes = [random_boxes(generator, 300, 256, 320), random_boxes(generator, 170, 256, 320)]
+    boxes[0][:4] = torch.tensor([[0.0, 0.0, 320.0, 256.0], [318.0, 250.0, 330.0, 270.0], [5.0, 5.0, 5.2, 5.1],
+                                 [-6.0, -9.0, 40.0, 30.0]])
+    boxes[1][:2] = torch.tensor([[0.0, 0.0, 900.0, 700.0], [100.0, 80.0, 101.0, 81.0]])
     shapes = [(256, 320), (256, 320)]
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three chunks, whatever this machine has
-    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    parallel = ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    with torch.no_grad():
-        assert parallel._chunk_count(features, boxes) == 3
-        assert torch.equal(parallel(features, boxes, shapes), plain(features, boxes, shapes))
-    # with autograd on (training) it falls back to torchvision's single call
-    assert parallel._chunk_count(features, boxes) == 1
+    for size in (7, 14):
+        plain = MultiScaleRoIAlign(["0", "1", "2", "3"], size, 2)
+        gathered = GatherMultiScaleRoIAlign(["0", "1", "2", "3"], size, 2)
+        with torch.no_grad():
+            expected = plain(features, boxes, shapes)
+            assert len(set(plain.map_levels(boxes).tolist())) == 4
+            torch.testing.assert_close(gathered(features, boxes, shapes), expected, atol=1e-4, rtol=1e-4)
+            empty = gathered(features, [torch.zeros(0, 4), torch.zeros(0, 4)], shapes)
+        assert empty.shape == (0, 8, size, size)
+    # with autograd on (training) torchvision's kernel runs, bit for bit
+    assert torch.equal(gathered(features, boxes, shapes), plain(features, boxes, shapes))
 
 
 def frozen_bn_model() -> torch.nn.Module:
@@ -160,7 +167,7 @@ def test_traced_roi_align_merges_the_levels_in_the_rois_order():
     sizes = torch.rand(60, 1) * 500 + 4  # small to large: levels 0 to 3 (level 3 from 448 px on)
     boxes = [torch.cat([corners, corners + sizes], dim=1)]
     reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    merged = ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    merged = GatherMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     expected = reference(features, boxes, [(256, 320)])
     assert len(set(reference.map_levels(boxes).tolist())) == 4
     torch.testing.assert_close(merged._traced_forward(features, boxes, [(256, 320)]), expected)

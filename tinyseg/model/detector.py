@@ -22,7 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from ..config import ConfigError, InputConfig, ModelConfig, PredictConfig
 from .backbones import build_backbone, check_backbone, norm_factory
-from .roi_pool import ParallelMultiScaleRoIAlign
+from .roi_pool import GatherMultiScaleRoIAlign
 from .weights import (COCO_INITS, TORCHVISION_ARCHS, InitWeights, frozen_bn_eps, load_detector_weights,
                       read_init_weights)
 
@@ -232,8 +232,8 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_weights: bool = True
         rpn_anchor_generator=anchors,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
-        box_roi_pool=ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], resolution, sampling_ratio=2),
-        mask_roi_pool=ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 14, sampling_ratio=2),
+        box_roi_pool=GatherMultiScaleRoIAlign(["0", "1", "2", "3"], resolution, sampling_ratio=2),
+        mask_roi_pool=GatherMultiScaleRoIAlign(["0", "1", "2", "3"], 14, sampling_ratio=2),
         mask_head=mask_head,
         rpn_head=AmpRPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1),
         mask_predictor=AmpMaskPredictor(mask_layers[-1], mask_layers[-1], num_classes),

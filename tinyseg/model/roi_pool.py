@@ -1,54 +1,45 @@
-"""Multi-scale RoIAlign that uses more than one CPU core.
+"""Multi-scale RoIAlign for CPU inference as one weighted gather of feature rows.
 
-torchvision's CPU roi_align kernel runs on one thread: with 1,000 proposals per image a large share of
-inference time (benchmarks/README.md, "Each speed-up alone"), while the other cores idle. The kernel
-releases the GIL, so the RoIs are split into chunks pooled on parallel Python threads.
+torchvision's CPU roi_align kernel runs on one thread and reads each channel plane with scalar loads:
+with 1,000 proposals per image a large share of inference time (benchmarks/README.md, "Each speed-up
+alone"). RoIAlign is a fixed set of bilinear taps per output bin (sampling_ratio^2 samples, 4
+neighbours each), so with the feature maps laid out as rows of channels (H*W x C) every bin is a
+weighted sum of rows: torch's embedding_bag, which runs on all cores and vectorises over channels,
+for all levels and images in one call. The taps and their edge rules are torchvision's (aligned=False).
+Training (autograd) and devices other than the CPU keep torchvision's kernel.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-MIN_ROIS_PER_CHUNK = 32  # below this a thread costs more than it saves
 
-
-class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
+class GatherMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         if torchvision._is_tracing():
             return self._traced_forward(x, boxes, image_shapes)
-        chunks = self._chunk_count(x, boxes)
-        if chunks < 2:
+        first = next(iter(x.values()))
+        if first.device.type != "cpu" or torch.is_grad_enabled() or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None:  # torchvision sets these on the first call; not from two threads at once
-            super().forward(x, [b[:1] for b in boxes], image_shapes)
-        # Each chunk takes a contiguous slice of every image's boxes; results come back image by image.
-        splits = [torch.tensor_split(torch.arange(len(b)), chunks) for b in boxes]
-        parts: list[Tensor | None] = [None] * chunks
+        # torchvision's private helpers, imported here so that a rename upstream breaks only this path
+        from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-        def pool(index: int) -> None:
-            parts[index] = super(ParallelMultiScaleRoIAlign, self).forward(
-                x, [b[split[index]] for b, split in zip(boxes, splits)], image_shapes)
-
-        threads = [threading.Thread(target=pool, args=(i,)) for i in range(1, chunks)]
-        for thread in threads:
-            thread.start()
-        pool(0)
-        for thread in threads:
-            thread.join()
-        if any(part is None for part in parts):
-            raise RuntimeError("RoIAlign failed in a worker thread (see the traceback above)")
-        per_image = [part.split([len(split[i]) for split in splits]) for i, part in enumerate(parts)]
-        return torch.cat([piece for image in zip(*per_image) for piece in image])
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(sum(len(b) for b in boxes),
+                                                                                dtype=torch.int64)
+        return gathered_roi_align(features, _convert_to_roi_format(boxes), levels, self.scales,
+                                  self.output_size, self.sampling_ratio)
 
     def _traced_forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """torchvision's multi-scale RoIAlign for ONNX, with the levels merged by one row gather instead of
         torchvision's scatter of every element (ScatterElements; its cost: benchmarks/README.md)."""
-        # torchvision's private helpers, imported here so that a rename upstream breaks only the export
         from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
         features = _filter_input(x, self.featmap_names)
@@ -65,10 +56,51 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
         # The rows come level by level; sorting their original indices puts them back in the RoIs' order.
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
-    @staticmethod
-    def _chunk_count(x: dict[str, Tensor], boxes: list[Tensor]) -> int:
-        first = next(iter(x.values()))
-        if first.device.type != "cpu" or torch.is_grad_enabled():
-            return 1
-        rois = sum(len(b) for b in boxes)
-        return max(1, min(torch.get_num_threads(), rois // MIN_ROIS_PER_CHUNK))
+
+def gathered_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
+                       output_size: tuple[int, int], sampling_ratio: int) -> Tensor:
+    """torchvision's roi_align (aligned=False) of each RoI on its level: (R, C, *output_size).
+
+    rois: (R, 5) rows of (image index, x1, y1, x2, y2) in image pixels; levels: (R,) index into features.
+    """
+    channels, dtype = features[0].shape[1], features[0].dtype
+    # One table of rows for every level and image; a RoI's rows start at its level's offset.
+    counts = [f.numel() // channels for f in features]
+    table = torch.empty(sum(counts), channels, dtype=dtype)
+    for feature, rows in zip(features, table.split(counts)):
+        rows.view(feature.shape[0], *feature.shape[2:], channels).copy_(feature.permute(0, 2, 3, 1))
+    sizes = torch.tensor([f.shape[-2:] for f in features])
+    starts = torch.tensor([0, *counts]).cumsum(0)[:-1]
+    height, width = sizes[levels, 0], sizes[levels, 1]
+    box = rois[:, 1:].float() * torch.tensor(scales)[levels, None]
+    ys, y_weights = _taps(box[:, 1], box[:, 3] - box[:, 1], output_size[0], sampling_ratio, height)
+    xs, x_weights = _taps(box[:, 0], box[:, 2] - box[:, 0], output_size[1], sampling_ratio, width)
+    first_row = starts[levels] + rois[:, 0].long() * height * width
+    # (R, bins_y, bins_x, taps_y, taps_x): every sample's four neighbours in one bag per bin
+    rows = (first_row[:, None, None, None, None] + (ys * width[:, None, None])[:, :, None, :, None]
+            + xs[:, None, :, None, :])
+    weights = y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :] / sampling_ratio**2
+    count, bins, taps = len(rois), output_size[0] * output_size[1], (2 * sampling_ratio) ** 2
+    pooled = F.embedding_bag(rows.reshape(count * bins, taps), table, mode="sum",
+                             per_sample_weights=weights.reshape(count * bins, taps).to(dtype))
+    return pooled.view(count, *output_size, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _taps(start: Tensor, length: Tensor, bins: int, samples: int, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Along one axis: each bin's sample points and their two bilinear neighbours, (R, bins, samples * 2)
+    indices and weights, with torchvision's rules (a box at least 1 px; points beyond one pixel outside
+    the map weigh nothing; the last row or column is clamped)."""
+    step = (torch.arange(bins * samples, dtype=start.dtype) + 0.5) / samples
+    points = start[:, None] + step * (length.clamp(min=1.0) / bins)[:, None]
+    size = size[:, None].to(points.dtype)
+    inside = (points >= -1) & (points <= size)
+    points = points.clamp(min=0)
+    low = points.floor()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, size - 1, low)
+    points = torch.where(at_edge, low, points)
+    high = torch.where(at_edge, low, low + 1)
+    fraction = points - low
+    indices = torch.stack([low, high], dim=-1).long()
+    weights = torch.stack([1 - fraction, fraction], dim=-1) * inside[..., None]
+    return indices.view(len(start), bins, samples * 2), weights.view(len(start), bins, samples * 2)
