@@ -107,6 +107,17 @@ def test_predictor_says_what_array_it_takes_and_an_empty_batch_is_empty(trained_
         predictor(np.zeros((0, 0, 3), dtype=np.uint8))
 
 
+def test_train_without_a_config_starts_from_the_default_preset_as_the_cli_does():
+    """train(None) and cross_validate(None) built tinyseg.config's dataclass defaults, not `default`."""
+    from tinyseg.api import _configured
+    from tinyseg.cli import build_parser
+    from tinyseg.commands import train_config
+    from tinyseg.config import load_config
+
+    cli = train_config(build_parser().parse_args(["train", "solver.lr=0.5"]))
+    assert _configured(None, ["solver.lr=0.5"]) == cli == load_config("default", ["solver.lr=0.5"])
+
+
 def test_train_applies_overrides_to_a_config_it_is_given():
     """train(Config, overrides) dropped the overrides without a word."""
     from tinyseg.api import cross_validate, train

@@ -112,8 +112,9 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
 
 
 def train(config: Config | str | None = None, overrides: Overrides = None, resume: bool = False) -> dict[str, Any]:
-    """Train like `tinyseg train`: a Config, or a preset name / YAML path plus `section.key=value` overrides
-    (resume=True without a config goes on with the run's own config.yaml in train.output_dir).
+    """Train like `tinyseg train`: a Config, or a preset name / YAML path (None: the `default` preset) plus
+    `section.key=value` overrides (resume=True without a config goes on with the run's own config.yaml in
+    train.output_dir).
 
     Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}; with
     data.folds > 0 it cross-validates as `tinyseg train --folds K` does and returns `cross_validate`'s summary.
@@ -138,9 +139,10 @@ def _override_items(overrides: Overrides) -> list[str]:
 
 
 def _configured(config: Config | str | None, overrides: Overrides) -> Config:
-    """A preset name or YAML path loaded, or a copy of a Config, with the overrides applied to either."""
+    """A preset name or YAML path loaded (None: the `default` preset, as `tinyseg train` without --config),
+    or a copy of a Config, with the overrides applied to either."""
     if not isinstance(config, Config):
-        return load_config(config, _override_items(overrides))
+        return load_config(config or "default", _override_items(overrides))
     config = copy.deepcopy(config)  # the caller's Config stays as given
     for item in _override_items(overrides):
         apply_override(config, item)
