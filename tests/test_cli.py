@@ -226,3 +226,25 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch, capsys):
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         for value in shown:
             assert value in text, f"{verb} --help does not show the config's {value}"
+
+
+def test_predict_one_image_given_as_image_dir(shapes, trained_run, tmp_path):
+    """`--image-dir photo.jpg` predicts that image (it was a NotADirectoryError traceback), as a folder of
+    one would; a file that is not an image is one clear line."""
+    checkpoint = str(trained_run["run_dir"] / "best.pt")
+    image = sorted(shapes["images"].iterdir())[0]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / image.name).write_bytes(image.read_bytes())
+    outputs = {}
+    for name, source in (("file", image), ("folder", alone)):
+        outputs[name] = tmp_path / f"{name}.json"
+        run_cli("predict", "--checkpoint", checkpoint, "--image-dir", str(source), "--output", str(outputs[name]),
+                "--score-thresh", "0")
+    detections = json.loads(outputs["file"].read_text())
+    assert detections and detections == json.loads(outputs["folder"].read_text())
+    listed = json.loads(outputs["file"].with_suffix(".images.json").read_text())
+    assert [(i["id"], i["file_name"]) for i in listed["images"]] == [(1, image.name)]
+    result = run_cli("predict", "--checkpoint", checkpoint, "--image-dir", str(shapes["train"]), "--output",
+                     str(tmp_path / "x.json"), check=False)
+    assert result.returncode == 1 and "neither a folder of images nor an image" in result.stderr, result.stderr

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                          help="what runs --onnx (default: onnxruntime for .onnx, openvino for .xml;"
                               " pip install openvino)")
-    predict.add_argument("--image-dir", required=True)
+    predict.add_argument("--image-dir", required=True, help="a folder of images, or one image")
     predict.add_argument("--images-json", default="", help="test.json: image ids are looked up by file name")
     predict.add_argument("--output", required=True, help="the submission JSON to write")
     _add_predict_options(predict)

@@ -19,7 +19,7 @@ from ..config import DataConfig, PredictConfig, TrainConfig
 from ..data.coco import CategoryMap, CocoData
 from ..data.dataset import ImageListDataset
 from ..data.formats import load_dataset, resolve_format, val_split
-from ..data.images import DEFAULT_MAX_PIXELS, list_images
+from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, list_images
 from ..evaluation.coco_eval import evaluate_detections
 from ..runtime import distributed as dist
 from ..runtime.precision import resolve_device
@@ -31,7 +31,7 @@ class PredictJob:
     """A checkpoint and the images to run it on (the options of `tinyseg predict` / `evaluate --checkpoint`)."""
 
     checkpoint: str
-    image_dir: str
+    image_dir: str  # a folder of images, or one image file
     images_json: str = ""  # the ids and file names to predict; "" = every image in image_dir, numbered 1..N
     _: KW_ONLY
     device: str = TrainConfig.device
@@ -48,14 +48,25 @@ def load_ground_truth(gt_json: str, fmt: str = "auto", require_annotations: bool
 
 
 def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
-    """(image_id, file_name) pairs: from the images JSON (or labels in another format: data/formats), or
-    every image in the folder numbered 1..N."""
+    """(image_id, file_name) pairs in image_folder(image_dir): from the images JSON (or labels in another
+    format: data/formats), or every image in the folder numbered 1..N, or the one image image_dir names."""
     if images_json:
         data = load_ground_truth(images_json, require_annotations=False)
         if data.categories.category_ids:
             categories.check_same(data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
+    path = Path(image_dir)
+    if path.is_file():  # `tinyseg predict --image-dir photo.jpg`, as `yolo predict source=photo.jpg`
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise FileNotFoundError(f"{path}: neither a folder of images nor an image ({', '.join(IMAGE_SUFFIXES)})")
+        return [(1, path.name)]
     return list(enumerate((path.name for path in list_images(image_dir)), start=1))
+
+
+def image_folder(image_dir: str | Path) -> Path:
+    """Where the entries' files are: image_dir, or the folder of the one image it names."""
+    path = Path(image_dir)
+    return path.parent if path.is_file() else path
 
 
 def loader_settings(device: torch.device, batch_size: int, num_workers: int) -> tuple[int, int]:
@@ -129,7 +140,8 @@ def predict_checkpoint(job: PredictJob) -> tuple[Predictions, list[tuple[int, st
     loaded = load_job_model(job)
     entries = image_entries(job.image_dir, job.images_json, loaded.categories)
     found = predict_entries(loaded.model, loaded.categories, loaded.device, loaded.config.predict, entries,
-                            job.image_dir, loaded.config.data.max_image_pixels, job.num_workers, job.progress)
+                            image_folder(job.image_dir), loaded.config.data.max_image_pixels, job.num_workers,
+                            job.progress)
     return found, entries
 
 
@@ -154,7 +166,7 @@ def predict_onnx(model_path: str, image_dir: str, images_json: str = "", score_t
 
     model = OnnxModel(model_path, score_thresh, mask_thresh, runtime, max_detections=max_detections)
     entries = image_entries(image_dir, images_json, model.categories)
-    dataset = ImageListDataset(entries, image_dir)
+    dataset = ImageListDataset(entries, image_folder(image_dir))
     found = Predictions()
     for index in range(len(dataset)):
         image, meta = dataset[index]
