@@ -43,6 +43,7 @@ TRAIN_VARIANTS = {
     "torchvision FrozenBN (promotes to fp32)": {"torchvision_frozen_bn": True},
     "loader in the main process": {"workers": 0},
     "masks re-converted to RLE on every access": {"no_mask_cache": True},
+    "torchvision's RoIAlign kernel": {"torchvision_roi_align": True},
 }
 PRESET_TRAIN_VARIANTS = {
     "tinyseg": {},
@@ -52,6 +53,7 @@ PRESET_TRAIN_VARIANTS = {
     "torch.compile trunk+FPN (inductor)": {"compile_backbone": True},
     "128 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=128",)},
     "64 sampled RoIs per image": {"overrides": ("model.box_batch_size_per_image=64",)},
+    "torchvision's RoIAlign kernel": {"torchvision_roi_align": True},
 }
 PRESET_STEPS, PRESET_WARMUP = 10, 3  # whole nuclei images vary in size: a warm-up covers the compiler's recompile
 PREDICT_VARIANTS = {
@@ -97,10 +99,12 @@ class _NoCache(dict):
 
 
 def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=False, workers=2,
-                no_mask_cache=False) -> float:
+                no_mask_cache=False, torchvision_roi_align=False) -> float:
     from tinyseg.model import set_precision
 
     model = plain_model().train()
+    if torchvision_roi_align:
+        torchvision_poolers(model)
     if torchvision_frozen_bn:
         for module in model.modules():
             if isinstance(module, misc_ops.FrozenBatchNorm2d):
@@ -114,7 +118,8 @@ def train_speed(amp=torch.bfloat16, channels_last=True, torchvision_frozen_bn=Fa
 
 
 def preset_train_speed(preset: str, amp: str | None = None, force_channels_last: bool = False,
-                       compile_backbone: bool = False, overrides: tuple[str, ...] = ()) -> float:
+                       compile_backbone: bool = False, overrides: tuple[str, ...] = (),
+                       torchvision_roi_align: bool = False) -> float:
     """Images/s of the preset's training step (batch 1 as the CPU presets train) on nuclei train images."""
     from tinyseg.config import load_config
     from tinyseg.data.augment import build as build_augmentation
@@ -132,6 +137,8 @@ def preset_train_speed(preset: str, amp: str | None = None, force_channels_last:
     if force_channels_last:
         model.backbone.channels_last = True
         model.backbone.to(memory_format=torch.channels_last)
+    if torchvision_roi_align:
+        torchvision_poolers(model)
     if compile_backbone:  # in place: the module keeps its parameter names (a checkpoint would load as before)
         model.backbone.body.compile(dynamic=True)
         model.backbone.fpn.compile(dynamic=True)
@@ -144,6 +151,13 @@ def preset_train_speed(preset: str, amp: str | None = None, force_channels_last:
     for _ in range(PRESET_WARMUP):
         step()
     return PRESET_STEPS / timed(lambda: [step() for _ in range(PRESET_STEPS)])
+
+
+def torchvision_poolers(model) -> None:
+    """torchvision's MultiScaleRoIAlign (its single-threaded CPU kernel) in place of tinyseg's gather."""
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(model.roi_heads, name)
+        setattr(model.roi_heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio))
 
 
 def training_step(model, loader, optimizer):
@@ -196,8 +210,7 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
     if amp is not None and not no_weight_cast:
         cast_autocast_weights(model, amp)
     if serial_roi_align:
-        model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-        model.roi_heads.mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+        torchvision_poolers(model)
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(6)
 
@@ -242,7 +255,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["train", "predict", "loader", "preset-train"])
     parser.add_argument("--preset", default="fast-cpu", help="--only preset-train: the preset whose training step is measured")
-    parser.add_argument("--variants", nargs="+", help="--only preset-train: only these variants (names as in the table; tinyseg's own"
+    parser.add_argument("--variants", nargs="+", help="with --only train, predict or preset-train: only these variants (names as in the table; tinyseg's own"
                         " settings are always run, as the baseline)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -253,13 +266,15 @@ def main() -> int:
     print(f"machine: {machine()}; commit {commit()}; R50-FPN, {SIZE} px, {args.repeats} repeats")
     results: dict = {"machine": machine(), "commit": commit(), "size": SIZE, "repeats": args.repeats}
     if args.only in (None, "train"):
-        results["train"] = measure(TRAIN_VARIANTS, train_speed, args.repeats, "training step (batch 2)")
+        results["train"] = measure(TRAIN_VARIANTS, train_speed, args.repeats, "training step (batch 2)",
+                                   args.variants if args.only else None)
     if args.only == "preset-train":  # not in the default set: a preset's own model, not the R50 of the rest
         results["preset"] = args.preset
         results["preset_train"] = measure(PRESET_TRAIN_VARIANTS, functools.partial(preset_train_speed, args.preset),
                                           args.repeats, f"{args.preset}'s training step on nuclei (batch 1)", args.variants)
     if args.only in (None, "predict"):
-        results["predict"] = measure(PREDICT_VARIANTS, predict_speed, args.repeats, "prediction to a submission")
+        results["predict"] = measure(PREDICT_VARIANTS, predict_speed, args.repeats, "prediction to a submission",
+                                     args.variants if args.only else None)
     if args.only in (None, "loader"):
         presets = {"multi-scale 480-800 + flip (tinyvoc)": InputConfig(min_size=list(range(480, 801, 32)), max_size=1333),
                    "LSJ 384 + flip + photometric (scratch-cpu)": InputConfig(lsj=True, lsj_size=384, lsj_scale=[0.5, 1.5],

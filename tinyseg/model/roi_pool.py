@@ -1,4 +1,4 @@
-"""Multi-scale RoIAlign for CPU inference as one weighted gather of feature rows.
+"""Multi-scale RoIAlign on a CPU as one weighted gather of feature rows.
 
 torchvision's CPU roi_align kernel runs on one thread and reads each channel plane with scalar loads:
 with 1,000 proposals per image a large share of inference time (benchmarks/README.md, "Each speed-up
@@ -6,7 +6,8 @@ alone"). RoIAlign is a fixed set of bilinear taps per output bin (sampling_ratio
 neighbours each), so with the feature maps laid out as rows of channels (H*W x C) every bin is a
 weighted sum of rows: torch's embedding_bag, which runs on all cores and vectorises over channels,
 for all levels and images in one call. The taps and their edge rules are torchvision's (aligned=False).
-Training (autograd) and devices other than the CPU keep torchvision's kernel.
+In training its backward (each bin's gradient added back to its rows) is torchvision's too. Other devices,
+and the ONNX export, keep torchvision's kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class GatherMultiScaleRoIAlign(MultiScaleRoIAlign):
         if torchvision._is_tracing():
             return self._traced_forward(x, boxes, image_shapes)
         first = next(iter(x.values()))
-        if first.device.type != "cpu" or torch.is_grad_enabled() or self.sampling_ratio <= 0:
+        if first.device.type != "cpu" or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
         # torchvision's private helpers, imported here so that a rename upstream breaks only this path
         from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
@@ -65,12 +66,9 @@ def gathered_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, sca
     """
     channels, dtype = features[0].shape[1], features[0].dtype
     # One table of rows for every level and image; a RoI's rows start at its level's offset.
-    counts = [f.numel() // channels for f in features]
-    table = torch.empty(sum(counts), channels, dtype=dtype)
-    for feature, rows in zip(features, table.split(counts)):
-        rows.view(feature.shape[0], *feature.shape[2:], channels).copy_(feature.permute(0, 2, 3, 1))
+    table = torch.cat([f.to(dtype).permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
     sizes = torch.tensor([f.shape[-2:] for f in features])
-    starts = torch.tensor([0, *counts]).cumsum(0)[:-1]
+    starts = torch.tensor([0] + [f.numel() // channels for f in features]).cumsum(0)[:-1]
     height, width = sizes[levels, 0], sizes[levels, 1]
     box = rois[:, 1:].float() * torch.tensor(scales)[levels, None]
     ys, y_weights = _taps(box[:, 1], box[:, 3] - box[:, 1], output_size[0], sampling_ratio, height)
