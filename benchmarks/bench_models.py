@@ -24,9 +24,9 @@ def tinyseg_amp(device: str):
 
 def reference_amp(device: str, enabled: bool):
     """The reference's autocast dtype with --reference-amp on CUDA: tinyseg's own choice, so both sides
-    run the same precision; None (fp32, the tutorial) otherwise. Not on a CPU: there the whole-model
-    autocast of the reference meets tinyseg's threaded RoIAlign (the benchmark model's pooler), whose
-    worker threads do not inherit autocast and get bf16 features that torchvision's CPU kernel refuses."""
+    run the same precision; None (fp32, the tutorial) otherwise. Not on a CPU: the reference loop there is
+    torchvision's fp32 tutorial, what a CPU user without tinyseg runs (bf16 is slower than fp32 on CPUs
+    without native bf16)."""
     return tinyseg_amp(device) if enabled and device.startswith("cuda") else None
 
 

@@ -118,6 +118,16 @@ def test_train_without_a_config_starts_from_the_default_preset_as_the_cli_does()
     assert _configured(None, ["solver.lr=0.5"]) == cli == load_config("default", ["solver.lr=0.5"])
 
 
+def test_cross_validate_resume_without_a_config_goes_on_with_the_run_s_own(tmp_path):
+    """cross_validate(None, resume=True) took the default preset; `tinyseg train --folds K --resume` and
+    train(None, resume=True) read the run's config.yaml."""
+    from tinyseg.api import cross_validate
+    from tinyseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config.yaml not found, so the run's settings are unknown"):
+        cross_validate(None, [f"train.output_dir={tmp_path}"], folds=3, resume=True)
+
+
 def test_train_applies_overrides_to_a_config_it_is_given():
     """train(Config, overrides) dropped the overrides without a word."""
     from tinyseg.api import cross_validate, train

@@ -248,3 +248,7 @@ def test_predict_one_image_given_as_image_dir(shapes, trained_run, tmp_path):
     result = run_cli("predict", "--checkpoint", checkpoint, "--image-dir", str(shapes["train"]), "--output",
                      str(tmp_path / "x.json"), check=False)
     assert result.returncode == 1 and "neither a folder of images nor an image" in result.stderr, result.stderr
+    # with an images JSON, its images were read from the file's folder: all of them, exit 0
+    result = run_cli("predict", "--checkpoint", checkpoint, "--image-dir", str(image), "--images-json",
+                     str(shapes["test"]), "--output", str(tmp_path / "y.json"), check=False)
+    assert result.returncode == 1 and "with an images JSON" in result.stderr, result.stderr

@@ -24,8 +24,13 @@ def random_boxes(generator: torch.Generator, count: int, height: int, width: int
     return torch.cat([corners, corners + sizes], dim=1)
 
 
-def test_gathered_roi_align_equals_torchvision():
+def test_gathered_roi_align_equals_torchvision(monkeypatch):
     """Two images, RoIs on every level, boxes at and beyond the map's edges and below a pixel."""
+    from tinyseg.model import roi_pool
+
+    gathered_calls = []
+    gather = roi_pool.gathered_roi_align
+    monkeypatch.setattr(roi_pool, "gathered_roi_align", lambda *a: gathered_calls.append(1) or gather(*a))
     generator = torch.Generator().manual_seed(0)
     features = {str(level): torch.randn(2, 8, 64 // 2**level, 80 // 2**level, generator=generator) for level in range(4)}
     boxes = [random_boxes(generator, 300, 256, 320), random_boxes(generator, 170, 256, 320)]
@@ -41,7 +46,15 @@ def test_gathered_roi_align_equals_torchvision():
             assert len(set(plain.map_levels(boxes).tolist())) == 4
             torch.testing.assert_close(gathered(features, boxes, shapes), expected, atol=1e-4, rtol=1e-4)
             empty = gathered(features, [torch.zeros(0, 4), torch.zeros(0, 4)], shapes)
+            one_empty = [boxes[0], torch.zeros(0, 4)]
+            torch.testing.assert_close(gathered(features, one_empty, shapes), plain(features, one_empty, shapes),
+                                       atol=1e-4, rtol=1e-4)
+            # bf16 maps (a whole model under autocast) pool in fp32, as torchvision's kernel does there
+            half = {name: level.bfloat16() for name, level in features.items()}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.testing.assert_close(gathered(half, boxes, shapes), plain(half, boxes, shapes))
         assert empty.shape == (0, 8, size, size)
+    assert len(gathered_calls) == 8  # the gather ran, not torchvision's kernel behind it
     # training: the same gradient into every level's features
     for level in features.values():
         level.requires_grad_(True)
@@ -51,6 +64,7 @@ def test_gathered_roi_align_equals_torchvision():
         grads.append(torch.autograd.grad((pool(features, boxes, shapes) * upstream).sum(), list(features.values())))
     for plain_grad, gathered_grad in zip(*grads):
         torch.testing.assert_close(gathered_grad, plain_grad, atol=1e-4, rtol=1e-4)
+    assert len(gathered_calls) == 9
 
 
 def frozen_bn_model() -> torch.nn.Module:

@@ -159,8 +159,10 @@ def cross_validate(config: Config | str | None = None, overrides: Overrides = No
     ranks other than 0 get None.
     """
     from .training.cross_validation import cross_validate as run_cv
+    from .training.resume import resume_config
 
-    config = _configured(config, _override_items(overrides) + ([f"data.folds={folds}"] if folds is not None else []))
+    items = _override_items(overrides) + ([f"data.folds={folds}"] if folds is not None else [])
+    config = resume_config(items) if config is None and resume else _configured(config, items)
     if config.data.folds < 2:
         from .config import ConfigError
 

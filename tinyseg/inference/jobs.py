@@ -50,12 +50,15 @@ def load_ground_truth(gt_json: str, fmt: str = "auto", require_annotations: bool
 def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> list[tuple[int, str]]:
     """(image_id, file_name) pairs in image_folder(image_dir): from the images JSON (or labels in another
     format: data/formats), or every image in the folder numbered 1..N, or the one image image_dir names."""
+    path = Path(image_dir)
     if images_json:
+        if path.is_file():  # the JSON's images would be read from the file's folder, all of them
+            raise FileNotFoundError(f"{path}: an image file; with an images JSON ({images_json}) give the folder "
+                                    "of its images")
         data = load_ground_truth(images_json, require_annotations=False)
         if data.categories.category_ids:
             categories.check_same(data.categories, "checkpoint", images_json)
         return [(r.image_id, r.file_name) for r in data.images]
-    path = Path(image_dir)
     if path.is_file():  # `tinyseg predict --image-dir photo.jpg`, as `yolo predict source=photo.jpg`
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise FileNotFoundError(f"{path}: neither a folder of images nor an image ({', '.join(IMAGE_SUFFIXES)})")

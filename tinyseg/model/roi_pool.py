@@ -65,12 +65,14 @@ def gathered_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, sca
     rois: (R, 5) rows of (image index, x1, y1, x2, y2) in image pixels; levels: (R,) index into features.
     """
     channels, dtype = features[0].shape[1], features[0].dtype
+    # bf16/fp16 maps are pooled in fp32, as torchvision's kernel runs under autocast
+    pooled_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     # One table of rows for every level and image; a RoI's rows start at its level's offset.
-    table = torch.cat([f.to(dtype).permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
+    table = torch.cat([f.to(pooled_dtype).permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
     sizes = torch.tensor([f.shape[-2:] for f in features])
     starts = torch.tensor([0] + [f.numel() // channels for f in features]).cumsum(0)[:-1]
     height, width = sizes[levels, 0], sizes[levels, 1]
-    box = rois[:, 1:].float() * torch.tensor(scales)[levels, None]
+    box = rois[:, 1:].to(pooled_dtype) * torch.tensor(scales, dtype=pooled_dtype)[levels, None]
     ys, y_weights = _taps(box[:, 1], box[:, 3] - box[:, 1], output_size[0], sampling_ratio, height)
     xs, x_weights = _taps(box[:, 0], box[:, 2] - box[:, 0], output_size[1], sampling_ratio, width)
     first_row = starts[levels] + rois[:, 0].long() * height * width
@@ -80,8 +82,8 @@ def gathered_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, sca
     weights = y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :] / sampling_ratio**2
     count, bins, taps = len(rois), output_size[0] * output_size[1], (2 * sampling_ratio) ** 2
     pooled = F.embedding_bag(rows.reshape(count * bins, taps), table, mode="sum",
-                             per_sample_weights=weights.reshape(count * bins, taps).to(dtype))
-    return pooled.view(count, *output_size, channels).permute(0, 3, 1, 2).contiguous()
+                             per_sample_weights=weights.reshape(count * bins, taps).to(pooled_dtype))
+    return pooled.view(count, *output_size, channels).permute(0, 3, 1, 2).contiguous().to(dtype)
 
 
 def _taps(start: Tensor, length: Tensor, bins: int, samples: int, size: Tensor) -> tuple[Tensor, Tensor]:
