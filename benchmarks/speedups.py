@@ -60,7 +60,7 @@ PREDICT_VARIANTS = {
     "tinyseg": {},
     "fp32 (no bf16 anywhere)": {"amp": None},
     "heads in fp32": {"heads_fp32": True},
-    "torchvision's RoIAlign kernel": {"serial_roi_align": True},
+    "torchvision's RoIAlign kernel": {"torchvision_roi_align": True},
     "frozen BN not folded": {"no_fold": True},
     "weights cast by autocast per call": {"no_weight_cast": True},
     "full-size float masks pasted": {"paste_full": True},
@@ -187,7 +187,7 @@ def loader_speed(input_cfg: InputConfig, batches: int = 12) -> float:
 
 
 # -- prediction ----------------------------------------------------------------------------------
-def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, no_fold=False,
+def predict_speed(amp=torch.bfloat16, heads_fp32=False, torchvision_roi_align=False, no_fold=False,
                   no_weight_cast=False, paste_full=False, channels_last=True, batch=1, pretty_json=False) -> float:
     from tinyseg.data.coco import CategoryMap
     from tinyseg.data.dataset import ImageListDataset
@@ -209,7 +209,7 @@ def predict_speed(amp=torch.bfloat16, heads_fp32=False, serial_roi_align=False, 
                 module.amp_dtype = None
     if amp is not None and not no_weight_cast:
         cast_autocast_weights(model, amp)
-    if serial_roi_align:
+    if torchvision_roi_align:
         torchvision_poolers(model)
     categories = CategoryMap(list(range(1, 21)), [str(i) for i in range(1, 21)])
     entries = predict_entries(6)

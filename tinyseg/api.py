@@ -119,10 +119,9 @@ def train(config: Config | str | None = None, overrides: Overrides = None, resum
     Returns {"best": metrics of the best epoch, "epochs", "iterations", "run_dir", "seconds"}; with
     data.folds > 0 it cross-validates as `tinyseg train --folds K` does and returns `cross_validate`'s summary.
     """
-    from .training.resume import resume_config
     from .training.trainer import train as run_training
 
-    config = resume_config(_override_items(overrides)) if config is None and resume else _configured(config, overrides)
+    config = _configured(config, overrides, resume)
     if config.data.folds:
         return cross_validate(config, resume=resume)
     return run_training(config, resume=resume)
@@ -138,9 +137,14 @@ def _override_items(overrides: Overrides) -> list[str]:
     return list(overrides or [])
 
 
-def _configured(config: Config | str | None, overrides: Overrides) -> Config:
-    """A preset name or YAML path loaded (None: the `default` preset, as `tinyseg train` without --config),
-    or a copy of a Config, with the overrides applied to either."""
+def _configured(config: Config | str | None, overrides: Overrides, resume: bool = False) -> Config:
+    """A preset name or YAML path loaded (None: the `default` preset, as `tinyseg train` without --config;
+    None with resume: the run's own config.yaml, as `--resume`), or a copy of a Config, with the overrides
+    applied to any of them."""
+    if config is None and resume:
+        from .training.resume import resume_config
+
+        return resume_config(_override_items(overrides))
     if not isinstance(config, Config):
         return load_config(config or "default", _override_items(overrides))
     config = copy.deepcopy(config)  # the caller's Config stays as given
@@ -159,10 +163,9 @@ def cross_validate(config: Config | str | None = None, overrides: Overrides = No
     ranks other than 0 get None.
     """
     from .training.cross_validation import cross_validate as run_cv
-    from .training.resume import resume_config
 
-    items = _override_items(overrides) + ([f"data.folds={folds}"] if folds is not None else [])
-    config = resume_config(items) if config is None and resume else _configured(config, items)
+    config = _configured(config, _override_items(overrides) + ([f"data.folds={folds}"] if folds is not None else []),
+                         resume)
     if config.data.folds < 2:
         from .config import ConfigError
 

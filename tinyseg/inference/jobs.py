@@ -20,7 +20,7 @@ from ..data.coco import CategoryMap, CocoData
 from ..data.dataset import ImageListDataset
 from ..data.formats import load_dataset, resolve_format, val_split
 from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, list_images
-from ..evaluation.coco_eval import evaluate_detections
+from ..evaluation.coco_eval import evaluate_detections, note_images_without_detections, read_detections
 from ..runtime import distributed as dist
 from ..runtime.precision import resolve_device
 from .predictor import LoadedModel, Predictions, load_model, predict_images
@@ -63,7 +63,7 @@ def image_entries(image_dir: str, images_json: str, categories: CategoryMap) -> 
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise FileNotFoundError(f"{path}: neither a folder of images nor an image ({', '.join(IMAGE_SUFFIXES)})")
         return [(1, path.name)]
-    return list(enumerate((path.name for path in list_images(image_dir)), start=1))
+    return list(enumerate((file.name for file in list_images(image_dir)), start=1))
 
 
 def image_folder(image_dir: str | Path) -> Path:
@@ -104,8 +104,6 @@ def score(gt: CocoData | dict, detections: list[dict], iou_types: tuple[str, ...
 def score_detections(gt: CocoData, detections: str | Path | list[dict], iou_types: tuple[str, ...] = ("segm", "bbox"),
                      allow_subset: bool = False, **ci) -> dict:
     """`score` of a results file (or list), saying first which ground-truth images it leaves out."""
-    from ..evaluation.coco_eval import note_images_without_detections, read_detections
-
     found = read_detections(detections)
     note_images_without_detections(gt.to_coco_dict(), found, str(detections) if isinstance(detections, (str, Path))
                                    else "detections")

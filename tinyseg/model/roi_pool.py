@@ -23,32 +23,15 @@ class GatherMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         if torchvision._is_tracing():
             return self._traced_forward(x, boxes, image_shapes)
-        first = next(iter(x.values()))
-        if first.device.type != "cpu" or self.sampling_ratio <= 0:
+        if next(iter(x.values())).device.type != "cpu" or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
-        # torchvision's private helpers, imported here so that a rename upstream breaks only this path
-        from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
-
-        features = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(sum(len(b) for b in boxes),
-                                                                                dtype=torch.int64)
-        return gathered_roi_align(features, _convert_to_roi_format(boxes), levels, self.scales,
-                                  self.output_size, self.sampling_ratio)
+        features, rois, levels = self._levelled(x, boxes, image_shapes)
+        return gathered_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
 
     def _traced_forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """torchvision's multi-scale RoIAlign for ONNX, with the levels merged by one row gather instead of
         torchvision's scatter of every element (ScatterElements; its cost: benchmarks/README.md)."""
-        from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
-
-        features = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes)
+        features, rois, levels = self._levelled(x, boxes, image_shapes)
         pooled, order = [], []
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             rows = torch.where(levels == level)[0]
@@ -56,6 +39,19 @@ class GatherMultiScaleRoIAlign(MultiScaleRoIAlign):
             order.append(rows)
         # The rows come level by level; sorting their original indices puts them back in the RoIs' order.
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+    def _levelled(self, x: dict[str, Tensor], boxes: list[Tensor],
+                  image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The pooled feature maps, the RoIs as (image index, box) rows and each RoI's level, as torchvision
+        sets them up (its level mapper gives level 0 when there is one map)."""
+        # torchvision's private helpers, imported here so that a rename upstream breaks only this class
+        from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        return features, _convert_to_roi_format(boxes), self.map_levels(boxes)
 
 
 def gathered_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
