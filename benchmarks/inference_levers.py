@@ -44,6 +44,14 @@ SETTINGS = {
     "no-tta-proposals-300": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 300},
     "no-tta-proposals-1000": {"predict.tta": False, "model.rpn_post_nms_top_n_test": 1000},
     "no-tta-score-0.05": {"predict.tta": False, "predict.score_thresh": 0.05},
+    # The test size (short side, long-side cap in the preset's ratio) against the training size (384 in the CPU presets)
+    "no-tta-test-size-320": {"predict.tta": False, "input.test_min_size": 320, "input.test_max_size": 533},
+    "no-tta-test-size-448": {"predict.tta": False, "input.test_min_size": 448, "input.test_max_size": 747},
+    "no-tta-test-size-512": {"predict.tta": False, "input.test_min_size": 512, "input.test_max_size": 853},
+    # Per-class box NMS: touching instances (nuclei) have overlapping boxes
+    "no-tta-nms-0.4": {"predict.tta": False, "predict.nms_thresh": 0.4},
+    "no-tta-nms-0.6": {"predict.tta": False, "predict.nms_thresh": 0.6},
+    "no-tta-nms-0.7": {"predict.tta": False, "predict.nms_thresh": 0.7},
     "tta-proposals-500": {"model.rpn_post_nms_top_n_test": 500},
     "tta": {"predict.tta": True},
     # The checkpoint exported to ONNX (--onnx, or exported here), no TTA, run by another runtime.
@@ -73,6 +81,9 @@ def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: 
     proposals = changes.get("model.rpn_post_nms_top_n_test")
     if proposals:
         loaded.model.rpn._post_nms_top_n["testing"] = proposals
+    if "input.test_min_size" in changes:
+        loaded.model.transform.min_size = (changes["input.test_min_size"],)
+        loaded.model.transform.max_size = changes["input.test_max_size"]
     seconds, detections = [], []
     for image in gt["images"]:
         start = time.perf_counter()
@@ -82,7 +93,8 @@ def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: 
         detections += found.results
     return {"changes": changes, "tta": loaded.config.predict.tta,
             "proposals": loaded.model.rpn._post_nms_top_n["testing"],
-            "score_thresh": loaded.config.predict.score_thresh, **scored(gt, detections, seconds)}
+            "score_thresh": loaded.config.predict.score_thresh, "test_size": loaded.model.transform.min_size[-1],
+            **scored(gt, detections, seconds)}
 
 
 def run_runtime(onnx: str, changes: dict, gt: dict, image_dir: str) -> dict:

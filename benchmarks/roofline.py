@@ -1,8 +1,10 @@
 """How close a measured speed is to what the machine could do: FLOPs counted, a matmul peak measured in
 the same run, and where prediction's time goes, stage by stage.
 
-- peak_matmul_gflops: the best GFLOP/s of a large square matmul (the fastest dense kernel the BLAS /
-  oneDNN / cuBLAS of this torch offers) on the same cores, threads and dtype as the model;
+- dense_peaks: the best GFLOP/s of a large square matmul and of a 3 x 3 convolution (the fastest dense
+  kernels the BLAS / oneDNN / cuBLAS of this torch offers) on the same cores, threads and dtype as the
+  model; a benchmark measures them at its start and its end and takes the best as the peak, since one
+  disturbed half-second can halve a measurement on a shared machine;
 - count_flops: torch.utils.flop_counter over one call, per module (convolutions, matmuls; RoIAlign,
   NMS and pasting count zero, so utilization is of the dense work only);
 - StageTimer: wall time per stage of tinyseg's prediction loop, from forward hooks on the model's parts
@@ -28,27 +30,56 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
-                       min_seconds: float = 0.5) -> float:
-    """The best GFLOP/s of size x size matmuls, repeated at least 3 times and min_seconds in all.
+def _best_gflops(function, flops: float, device: str, min_seconds: float) -> float:
+    """The best GFLOP/s of function() (flops each), repeated at least 3 times and min_seconds in all, after
+    a warm-up call (kernel selection, page faults).
 
     The best run, not the median: the peak is a ceiling, and on a shared machine slow runs are other
     people's work, not the kernel's.
     """
-    size = size or (8192 if torch.device(device).type == "cuda" else 2048)
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    out = torch.mm(a, b)  # warm-up: kernel selection, page faults
+    function()
     best, spent, runs = float("inf"), 0.0, 0
     while runs < 3 or spent < min_seconds:
         synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        function()
         synchronize(device)
         elapsed = time.perf_counter() - start
         best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
-    return 2 * size**3 / best / 1e9
+    return flops / best / 1e9
+
+
+def peak_matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
+                       min_seconds: float = 0.5) -> float:
+    """size x size matmuls (2048 on a CPU, 8192 on CUDA)."""
+    size = size or (8192 if torch.device(device).type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    return _best_gflops(lambda: torch.mm(a, b, out=out), 2 * size**3, device, min_seconds)
+
+
+def peak_conv_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
+                     channels: int = 256, min_seconds: float = 0.5) -> float:
+    """A 3 x 3 convolution, channels x channels on a size x size channels-last map (128 on a CPU, 256 on
+    CUDA): the backbone's own kernel. oneDNN's convolutions can outrun its matmul (on an AMD Zen 4, bf16:
+    about 460 against 420 GFLOP/s), so a matmul alone is not a ceiling for a convolutional model."""
+    size = size or (256 if torch.device(device).type == "cuda" else 128)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, size, size, generator=generator).to(device=device, dtype=dtype,
+                                                                    memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 3, 3, generator=generator).to(device=device, dtype=dtype,
+                                                                     memory_format=torch.channels_last)
+    with torch.no_grad():
+        return _best_gflops(lambda: torch.conv2d(x, w, padding=1), 2 * channels**2 * 9 * size**2, device, min_seconds)
+
+
+def dense_peaks(device: str = "cpu", dtype: torch.dtype = torch.float32, small: bool = False) -> dict[str, float]:
+    """GFLOP/s of the matmul and the 3 x 3 convolution (small: tiny sizes, for --smoke)."""
+    size, seconds = (64, 0.05) if small else (None, 0.5)
+    return {"matmul": peak_matmul_gflops(device, dtype, size and 4 * size, seconds),
+            "conv3x3": peak_conv_gflops(device, dtype, size and size // 2, 32 if small else 256, seconds)}
 
 
 def utilization(gflops_per_image: float, images_per_s: float, peak_gflops: float) -> float:

@@ -12,8 +12,9 @@ Measures, on the same model architecture, image size and images:
 - evaluation of a many-instance result set on nuclei val: faster-coco-eval vs pycocotools (seconds),
   with the 12 numbers checked equal;
 - peak RSS of each side's prediction job, each in a fresh process, and peak GPU memory on CUDA;
-- the roofline: GFLOP per image (backbone, prediction, training step), a matmul peak measured in the
-  same run, utilization = achieved GFLOP/s / peak, and tinyseg's prediction time by stage.
+- the roofline: GFLOP per image (backbone, prediction, training step), the peak of a matmul and of a
+  3 x 3 convolution measured at the start and the end of the run (the best of them), utilization =
+  achieved GFLOP/s / peak, and tinyseg's prediction time by stage.
 On CUDA (--device cuda, the default when a GPU is present) tinyseg uses its CUDA settings: fp16/bf16
 AMP, channels_last, cudnn.benchmark, batched prediction with loader workers; the reference stays fp32
 unless --reference-amp. Each side runs alternately `--repeats` times; medians and tinyseg/reference
@@ -45,7 +46,7 @@ from bench_models import benchmark_model, build, gpu_peak_mib, reference_amp, ti
 from eval_jobs import reference_evaluate, shifted_detections, tinyseg_evaluate  # noqa: E402
 from machine_info import commit, machine, machine_info, write_result  # noqa: E402
 from predict_jobs import PredictJob, in_fresh_process, profile_tinyseg, reference_predict, tinyseg_predict  # noqa: E402
-from roofline import count_flops, model_flops, peak_matmul_gflops, utilization  # noqa: E402
+from roofline import count_flops, dense_peaks, model_flops, utilization  # noqa: E402
 from tinyseg.config import InputConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("TINYSEG_SHARED", ROOT.parent / "shared")) / "datasets"  # as tests/conftest.py
@@ -241,6 +242,17 @@ def roofline(results: dict, profile: dict, train_gflops: dict, peak: float, trai
             "utilization": {k: utilization(per_image[k], speeds[k], peak) for k in per_image}}
 
 
+def measure_peaks(dtype: torch.dtype, small: bool) -> dict[str, dict[str, float]]:
+    """The dense peaks in the dtype tinyseg's backbone runs ("model") and in fp32."""
+    model = dense_peaks(DEVICE, dtype, small)
+    return {"model": model, "fp32": model if dtype == torch.float32 else dense_peaks(DEVICE, torch.float32, small)}
+
+
+def describe_peaks(peaks: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{dtype} " + ", ".join(f"{kernel} {value:.0f}" for kernel, value in values.items())
+                     for dtype, values in peaks.items()) + " GFLOP/s"
+
+
 def print_profile(name: str, profile: dict) -> None:
     seconds = profile["seconds_per_image"]
     print(f"stages of {name} ({profile['detections_per_image']:.0f} detections/image), ms per image: "
@@ -282,10 +294,8 @@ def run(args: argparse.Namespace) -> int:
     info, amp = machine_info(), tinyseg_amp(DEVICE)
     peak_dtype = amp or torch.float32
     print(f"machine: {machine()}; GPU {info['gpu_name']}; commit {commit()}; size {size}px, batch 2, {repeats} repeats")
-    peak_size = 256 if args.smoke else None
-    peak = peak_matmul_gflops(DEVICE, peak_dtype, peak_size, 0.05 if args.smoke else 0.5)
-    peak_fp32 = peak if peak_dtype == torch.float32 else peak_matmul_gflops(DEVICE, torch.float32, peak_size)
-    print(f"matmul peak: {peak:.0f} GFLOP/s in {str(peak_dtype).replace('torch.', '')} (fp32 {peak_fp32:.0f})")
+    peaks = {"start": measure_peaks(peak_dtype, args.smoke)}
+    print(f"dense peak at the start: {describe_peaks(peaks['start'])}")
     results: dict = {"machine": machine(), **info, "gpu": info["gpu_name"], "device": DEVICE, "commit": commit(),
                      "size": size, "repeats": repeats, "amp": str(amp), "smoke": args.smoke, "preset": args.preset,
                      "reference_amp": str(reference_amp(DEVICE, REFERENCE_AMP)), "peak_gflops_dtype": str(peak_dtype)}
@@ -319,9 +329,13 @@ def run(args: argparse.Namespace) -> int:
     results["stages"] = {"random_tta_off": profile_tinyseg(job, flops=True),
                          "random_default": profile_tinyseg(replace(job, settings="default"), flops=False)}
     train_gflops = tinyseg_train_gflops(backbone, size)
+    peaks["end"] = measure_peaks(peak_dtype, args.smoke)
+    print(f"dense peak at the end: {describe_peaks(peaks['end'])}")
+    peak, peak_fp32 = (max(max(at[dtype].values()) for at in peaks.values()) for dtype in ("model", "fp32"))
     results.update(roofline(results, results["stages"]["random_tta_off"], train_gflops, peak,
                             results[f"train_{backbone}"]["tinyseg"]))
-    results.update({"peak_gflops": peak, "peak_gflops_fp32": peak_fp32, "train_gflops_by_stage": train_gflops})
+    results.update({"peak_gflops": peak, "peak_gflops_fp32": peak_fp32, "peak_measurements": peaks,
+                    "train_gflops_by_stage": train_gflops})
     if args.checkpoint:
         checkpoint_json = args.checkpoint_json or str(DATA.checkpoint_json)
         checkpoint_images = args.checkpoint_images or str(DATA.checkpoint_images)
@@ -340,8 +354,11 @@ def run(args: argparse.Namespace) -> int:
     for name, profile in results["stages"].items():
         print_profile(name, profile)
     print("GFLOP per image: " + ", ".join(f"{k} {v:.1f}" for k, v in results["gflops_per_image"].items())
-          + f"; utilization of the {peak:.0f} GFLOP/s matmul peak: "
+          + f"; utilization of the {peak:.0f} GFLOP/s dense peak: "
           + ", ".join(f"{k} {v:.1%}" for k, v in results["utilization"].items()))
+    if max(results["utilization"].values()) > 1:
+        print("utilization above 100%: the peak measurements were slowed (another process, the CPU's clock); "
+              "rerun with nothing else running", file=sys.stderr)
     if DEVICE.startswith("cuda"):
         results["train_gpu_peak_mib"] = TRAIN_GPU_PEAK_MIB
         print("peak GPU memory of training (MiB):", ", ".join(f"{k} {v:.0f}" for k, v in TRAIN_GPU_PEAK_MIB.items()))

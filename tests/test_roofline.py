@@ -42,6 +42,16 @@ def test_peak_is_twice_n_cubed_over_the_best_run(monkeypatch):
     assert roofline.peak_matmul_gflops("cpu", torch.float32, size=64, min_seconds=2.0) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
 
 
+def test_conv_peak_counts_the_convolutions_flops(monkeypatch):
+    ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 3.0] + [10.0 + i for i in range(100)])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(ticks))
+    # runs of 0.5, 0.2, 1.0 s (then 1 s each): 2 x C x C x 9 x H x W FLOPs in the best, 0.2 s
+    assert roofline.peak_conv_gflops("cpu", torch.float32, size=8, channels=4, min_seconds=2.0) == pytest.approx(
+        2 * 4 * 4 * 9 * 8 * 8 / 0.2 / 1e9)
+    peaks = roofline.dense_peaks("cpu", torch.float32, small=True)
+    assert set(peaks) == {"matmul", "conv3x3"} and all(value > 0 for value in peaks.values())
+
+
 def tiny_model():
     from tinyseg.config import InputConfig, ModelConfig, PredictConfig
     from tinyseg.model import build_model
