@@ -1,6 +1,7 @@
 """The CLI end to end, as a user runs it."""
 
 import json
+from collections import Counter
 
 import pytest
 from conftest import TINY, run_cli
@@ -140,6 +141,17 @@ def test_bad_inputs_give_one_clear_line(shapes, trained_run, tmp_path):
 def test_check_data_reports_and_exits(shapes, tmp_path):
     result = run_cli("check-data", str(shapes["train"]), str(shapes["images"]))
     assert "usable for training" in result.stdout and "instances per class" in result.stdout
+    assert "never found" not in result.stdout
+    # images with more instances than prediction keeps (the densest here holds 2): told, and still usable
+    data = json.loads(shapes["train"].read_text())
+    assert max(Counter(a["image_id"] for a in data["annotations"]).values()) == 2
+    result = run_cli("check-data", str(shapes["train"]), str(shapes["images"]), "--max-detections", "1")
+    assert result.returncode == 0 and "usable for training" in result.stdout
+    assert f"WARNING {shapes['train']}: annotations: " in result.stdout
+    assert "hold more instances than prediction keeps (predict.max_detections=1 per image)" in result.stdout
+    assert "Set predict.max_detections=50" in result.stdout  # above the densest image's count, in steps of 50
+    result = run_cli("check-data", str(shapes["train"]), str(shapes["images"]), "--max-detections", "0", check=False)
+    assert result.returncode == 2 and "--max-detections 0" in result.stderr and "Traceback" not in result.stderr
     data = json.loads(shapes["train"].read_text())
     data["images"][0]["file_name"] = "nope.png"
     bad = tmp_path / "bad.json"
@@ -211,6 +223,7 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch, capsys):
     monkeypatch.setattr(EvalConfig, "ci_level", 0.875)
     parser = build_parser()
     assert parser.parse_args(["check-data", "x.json"]).max_image_pixels == 1234
+    assert parser.parse_args(["check-data", "x.json"]).max_detections == 77
     predict = parser.parse_args(["predict", "--image-dir", "d", "--output", "o"])
     assert (predict.workers, predict.device) == (5, "cpu")
     # None keeps the run's own setting; the help says which value that is unless the run set one
@@ -220,7 +233,7 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch, capsys):
     evaluate = parser.parse_args(["evaluate", "--gt", "g"])
     assert (evaluate.resamples, evaluate.ci_level) == (321, 0.875)
     for verb, shown in (("predict", ("0.125", "77", "0.375", "cpu")), ("visualize", ("0.625",)),
-                        ("evaluate", ("321", "0.875", "0.125")), ("check-data", ("1234",))):
+                        ("evaluate", ("321", "0.875", "0.125")), ("check-data", ("1234", "77"))):
         with pytest.raises(SystemExit):
             parser.parse_args([verb, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines

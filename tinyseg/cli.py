@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
                        help=f"larger images are refused (default {DataConfig.max_image_pixels}, as "
                             "data.max_image_pixels)")
+    check.add_argument("--max-detections", type=int, default=PredictConfig.max_detections,
+                       help="warn about images with more instances than this (default "
+                            f"{PredictConfig.max_detections}, as predict.max_detections)")
     check.add_argument("--crowd-rle-as-instances", action="store_true",
                        help="read iscrowd=1 RLE masks as objects, as data.crowd_rle_as_instances=true trains them")
 

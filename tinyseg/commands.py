@@ -276,8 +276,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_dataset
 
+    if args.max_detections < 1:
+        raise UsageError(f"--max-detections {args.max_detections}: prediction keeps at least 1 detection per image")
     report, usable = check_dataset(args.json, args.image_dir, args.max_image_pixels, args.format or "auto",
-                                   args.crowd_rle_as_instances)
+                                   args.crowd_rle_as_instances, args.max_detections)
     print(report)
     return 0 if usable else 1
 

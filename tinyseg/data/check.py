@@ -6,15 +6,18 @@ from collections import Counter
 
 import numpy as np
 
-from .coco import ERROR, DatasetError, Problem
+from ..config import PredictConfig
+from .coco import ERROR, WARNING, DatasetError, Problem, beyond_detection_cap
 from .formats import inspect_dataset, resolve_format, unused_image_dir
 from .images import check_images
 
 
 def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "auto",
-                  crowd_rle_as_instances: bool = False) -> tuple[str, bool]:
+                  crowd_rle_as_instances: bool = False,
+                  max_detections: int = PredictConfig.max_detections) -> tuple[str, bool]:
     """(report text, usable): usable means no error-level problem (warnings are recoveries). Labels in
-    another format (labelme, YOLO, VOC) are converted first and bring their own image folder."""
+    another format (labelme, YOLO, VOC) are converted first and bring their own image folder.
+    max_detections: prediction's cap per image, to warn about images that hold more instances."""
     fmt = resolve_format(json_path, fmt)
     if fmt == "coco" and not image_dir:
         raise DatasetError(f"{json_path}: a COCO file needs its image folder: tinyseg check-data {json_path} IMAGES/")
@@ -29,6 +32,9 @@ def check_dataset(json_path: str, image_dir: str, max_pixels: int, fmt: str = "a
     lines = [f"dataset {json_path} ({fmt}) with images in {image_dir}"]
     if data is not None:
         problems = problems + check_images(image_dir, data.images, json_path, max_pixels)
+        dense = beyond_detection_cap(data.images, max_detections)
+        if dense:
+            problems.append(Problem(json_path, "annotations", dense, WARNING))
         lines += _statistics(data)
     errors = [p for p in problems if p.severity == ERROR]
     warnings = [p for p in problems if p.severity != ERROR]

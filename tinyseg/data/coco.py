@@ -169,6 +169,24 @@ def categories_without_instances(categories: CategoryMap, records: list[ImageRec
     return [f"{cid} {name}" for cid, name in zip(categories.category_ids, categories.names) if cid not in used]
 
 
+def beyond_detection_cap(records: list[ImageRecord], max_detections: int) -> str:
+    """What to tell when some image holds more (non-crowd) instances than prediction keeps per image; ""
+    when none does. Nuclei micrographs hold up to 375: with COCO's 100 a quarter of such an image can
+    never be found, and nothing else says so (COCO AP counts 100 detections an image, whatever is kept)."""
+    counts = [sum(1 for a in r.annotations if not a.get("iscrowd", 0)) for r in records]
+    dense = [i for i, count in enumerate(counts) if count > max_detections]
+    if not dense:
+        return ""
+    densest = max(dense, key=lambda i: counts[i])  # the first of the densest
+    most, lost = counts[densest], sum(counts[i] - max_detections for i in dense)
+    enough = (most // 50 + 1) * 50  # above the count: duplicates and false positives take places too
+    return (f"{len(dense)} image(s) hold more instances than prediction keeps (predict.max_detections="
+            f"{max_detections} per image): {lost} instances in all can never be found, the most in image id="
+            f"{records[densest].image_id} ({records[densest].file_name}, {most} instances). Set predict.max_detections="
+            f"{enough} (tinyseg predict --max-detections {enough}; an exported model keeps the cap it was exported "
+            f"with) to find them, at more time per image. AP does not change: COCO counts 100 detections an image.")
+
+
 def format_problems(problems: list[Problem], headline: str, limit: int = 30) -> str:
     errors = [p for p in problems if p.severity == ERROR] or problems
     lines = [f"{headline}: {len(errors)} problem(s)"] + [f"  - {p}" for p in errors[:limit]]

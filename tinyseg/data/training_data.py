@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from .coco import CategoryMap, CocoData, DatasetError, ImageRecord, categories_without_instances, format_problems
+from ..runtime import distributed as dist
+from .coco import (CategoryMap, CocoData, DatasetError, ImageRecord, beyond_detection_cap,
+                   categories_without_instances, format_problems)
 from .images import check_images
 from .split import content_keys, split_records
 
@@ -81,6 +83,7 @@ def build_training_data(cfg: Config) -> TrainingData:
     if missing and not val_json:  # the file itself was complete; the split took them
         log.warning("after the train/val split, %d categories have no training instance (the model cannot"
                     " learn them): %s", len(missing), ", ".join(missing))
+    _warn_once(beyond_detection_cap(kept + val_records, cfg.predict.max_detections))
     # config.yaml then says where the images were read (labelme, YOLO and VOC labels bring their own), not a
     # folder given beside them and never read, which the report and a resume would take for the images.
     if not d.image_dir or Path(d.image_dir).resolve() != train_dir.resolve():
@@ -89,6 +92,17 @@ def build_training_data(cfg: Config) -> TrainingData:
         d.val_image_dir = str(val_dir)
     return TrainingData(train.categories, kept, train_dir, val_records, val_dir,
                         gt_source.to_coco_dict(val_records) if val_records else None)
+
+
+_TOLD: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the data as a whole, once per process and on the main rank only: each fold of
+    `train --folds K` reads the same file again."""
+    if message and message not in _TOLD and dist.is_main():
+        _TOLD.add(message)
+        log.warning("%s", message)
 
 
 def _refuse_overlap(train: list[ImageRecord], train_dir: Path, val: list[ImageRecord], val_dir: Path,
