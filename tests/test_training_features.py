@@ -1,5 +1,6 @@
 """Each training option changes what it says it changes: tests that fail if the feature is removed or broken."""
 
+import copy
 import json
 
 import pytest
@@ -189,6 +190,21 @@ def test_train_negatives_keeps_images_without_instances(shapes, tmp_path):
     assert empty not in ids[False] and empty in ids[True] and len(ids[True]) == len(ids[False]) + 1
 
 
+def test_training_warns_of_images_beyond_the_detection_cap(shapes, tmp_path, caplog, monkeypatch):
+    """An image with more instances than predict.max_detections keeps: its rest can never be found. Told
+    once, though each fold of a cross-validation reads the data again."""
+    from tinyseg.data import training_data
+
+    monkeypatch.setattr(training_data, "_TOLD", set())
+    with caplog.at_level("WARNING", logger="tinyseg"):
+        training_data.build_training_data(tiny_config(shapes, tmp_path))
+        assert "can never be found" not in caplog.text
+        for _ in range(2):
+            training_data.build_training_data(tiny_config(shapes, tmp_path, "predict.max_detections=1"))
+    assert caplog.text.count("can never be found") == 1
+    assert "(predict.max_detections=1 per image)" in caplog.text and "Set predict.max_detections=50" in caplog.text
+
+
 def test_syncbn_converts_batchnorm_only_across_processes():
     from tinyseg.config import ModelConfig
     from tinyseg.model import build_model
@@ -201,3 +217,30 @@ def test_syncbn_converts_batchnorm_only_across_processes():
     converted = sync_batchnorm(model, "syncbn", 2)
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == plain
     assert sync_batchnorm(model, "bn", 2) is model
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_runs_fused_with_the_same_update(name):
+    """The fused kernel (a CPU has one since torch 2.4) takes the step the per-tensor loop takes."""
+    from tinyseg.config import SolverConfig
+    from tinyseg.training.optim import build_optimizer
+
+    cfg = SolverConfig(optimizer=name, lr=0.01, weight_decay=0.05)
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                  torch.nn.LazyLinear(2))]
+    models[0](torch.rand(1, 3, 8, 8))
+    models.append(copy.deepcopy(models[0]))
+    fused = build_optimizer(models[0], cfg)
+    assert all(group["fused"] for group in fused.param_groups)
+    reference = build_optimizer(models[1], cfg)  # the same groups and options, as the per-tensor loop
+    options = {k: v for k, v in reference.defaults.items() if k not in ("fused", "foreach", "decoupled_weight_decay")}
+    plain = type(reference)([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in reference.param_groups],
+                            **options, fused=False, foreach=False)
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain)):
+            optimizer.zero_grad()
+            model(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(*(model.parameters() for model in models)):
+        torch.testing.assert_close(a, b)
