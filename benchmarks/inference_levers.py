@@ -83,7 +83,7 @@ def run_setting(checkpoint: str, changes: dict, gt: dict, image_dir: str, onnx: 
         loaded.model.rpn._post_nms_top_n["testing"] = proposals
     if "input.test_min_size" in changes:
         loaded.model.transform.min_size = (changes["input.test_min_size"],)
-        loaded.model.transform.max_size = changes["input.test_max_size"]
+        loaded.model.transform.max_size = changes.get("input.test_max_size", loaded.model.transform.max_size)
     seconds, detections = [], []
     for image in gt["images"]:
         start = time.perf_counter()

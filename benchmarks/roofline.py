@@ -2,9 +2,9 @@
 the same run, and where prediction's time goes, stage by stage.
 
 - dense_peaks: the best GFLOP/s of a large square matmul and of a 3 x 3 convolution (the fastest dense
-  kernels the BLAS / oneDNN / cuBLAS of this torch offers) on the same cores, threads and dtype as the
-  model; a benchmark measures them at its start and its end and takes the best as the peak, since one
-  disturbed half-second can halve a measurement on a shared machine;
+  kernels the BLAS / oneDNN / cuBLAS / cuDNN of this torch offers) on the same cores, threads and dtype as
+  the model; throughput.py measures them before and after its random-weight measurements and takes the
+  best as the peak, since one disturbed half-second can halve a measurement on a shared machine;
 - count_flops: torch.utils.flop_counter over one call, per module (convolutions, matmuls; RoIAlign,
   NMS and pasting count zero, so utilization is of the dense work only);
 - StageTimer: wall time per stage of tinyseg's prediction loop, from forward hooks on the model's parts
@@ -51,7 +51,7 @@ def _best_gflops(function, flops: float, device: str, min_seconds: float) -> flo
 
 def peak_matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
                        min_seconds: float = 0.5) -> float:
-    """size x size matmuls (2048 on a CPU, 8192 on CUDA)."""
+    """The best GFLOP/s of size x size matmuls (2048 on a CPU, 8192 on CUDA), as _best_gflops runs them."""
     size = size or (8192 if torch.device(device).type == "cuda" else 2048)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
@@ -62,16 +62,17 @@ def peak_matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, 
 
 def peak_conv_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
                      channels: int = 256, min_seconds: float = 0.5) -> float:
-    """A 3 x 3 convolution, channels x channels on a size x size channels-last map (128 on a CPU, 256 on
-    CUDA): the backbone's own kernel. oneDNN's convolutions can outrun its matmul (on an AMD Zen 4, bf16:
-    about 460 against 420 GFLOP/s), so a matmul alone is not a ceiling for a convolutional model."""
+    """The best GFLOP/s of a 3 x 3 convolution, channels x channels on a size x size channels-last map
+    (size 128 on a CPU, 256 on CUDA): the backbone's own kernel. oneDNN's convolutions can outrun its
+    matmul (on an AMD Zen 4, bf16: about 460 against 420 GFLOP/s), so a matmul alone is not a ceiling for
+    a convolutional model. fp32 on CUDA runs without TF32, as the fp32 matmul does by default."""
     size = size or (256 if torch.device(device).type == "cuda" else 128)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, channels, size, size, generator=generator).to(device=device, dtype=dtype,
                                                                     memory_format=torch.channels_last)
     w = torch.randn(channels, channels, 3, 3, generator=generator).to(device=device, dtype=dtype,
                                                                      memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         return _best_gflops(lambda: torch.conv2d(x, w, padding=1), 2 * channels**2 * 9 * size**2, device, min_seconds)
 
 

@@ -13,8 +13,8 @@ Measures, on the same model architecture, image size and images:
   with the 12 numbers checked equal;
 - peak RSS of each side's prediction job, each in a fresh process, and peak GPU memory on CUDA;
 - the roofline: GFLOP per image (backbone, prediction, training step), the peak of a matmul and of a
-  3 x 3 convolution measured at the start and the end of the run (the best of them), utilization =
-  achieved GFLOP/s / peak, and tinyseg's prediction time by stage.
+  3 x 3 convolution measured before and after the random-weight measurements (the best of them),
+  utilization = achieved GFLOP/s / peak, and tinyseg's prediction time by stage.
 On CUDA (--device cuda, the default when a GPU is present) tinyseg uses its CUDA settings: fp16/bf16
 AMP, channels_last, cudnn.benchmark, batched prediction with loader workers; the reference stays fp32
 unless --reference-amp. Each side runs alternately `--repeats` times; medians and tinyseg/reference
@@ -248,9 +248,12 @@ def measure_peaks(dtype: torch.dtype, small: bool) -> dict[str, dict[str, float]
     return {"model": model, "fp32": model if dtype == torch.float32 else dense_peaks(DEVICE, torch.float32, small)}
 
 
-def describe_peaks(peaks: dict[str, dict[str, float]]) -> str:
-    return "; ".join(f"{dtype} " + ", ".join(f"{kernel} {value:.0f}" for kernel, value in values.items())
-                     for dtype, values in peaks.items()) + " GFLOP/s"
+def describe_peaks(peaks: dict[str, dict[str, float]], dtype: torch.dtype) -> str:
+    shown = {str(dtype).replace("torch.", ""): peaks["model"]}
+    if dtype != torch.float32:
+        shown["fp32"] = peaks["fp32"]
+    return "; ".join(f"{label} " + ", ".join(f"{kernel} {value:.0f}" for kernel, value in values.items())
+                     for label, values in shown.items()) + " GFLOP/s"
 
 
 def print_profile(name: str, profile: dict) -> None:
@@ -295,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     peak_dtype = amp or torch.float32
     print(f"machine: {machine()}; GPU {info['gpu_name']}; commit {commit()}; size {size}px, batch 2, {repeats} repeats")
     peaks = {"start": measure_peaks(peak_dtype, args.smoke)}
-    print(f"dense peak at the start: {describe_peaks(peaks['start'])}")
+    print(f"dense peak before: {describe_peaks(peaks['start'], peak_dtype)}")
     results: dict = {"machine": machine(), **info, "gpu": info["gpu_name"], "device": DEVICE, "commit": commit(),
                      "size": size, "repeats": repeats, "amp": str(amp), "smoke": args.smoke, "preset": args.preset,
                      "reference_amp": str(reference_amp(DEVICE, REFERENCE_AMP)), "peak_gflops_dtype": str(peak_dtype)}
@@ -330,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
                          "random_default": profile_tinyseg(replace(job, settings="default"), flops=False)}
     train_gflops = tinyseg_train_gflops(backbone, size)
     peaks["end"] = measure_peaks(peak_dtype, args.smoke)
-    print(f"dense peak at the end: {describe_peaks(peaks['end'])}")
+    print(f"dense peak after: {describe_peaks(peaks['end'], peak_dtype)}")
     peak, peak_fp32 = (max(max(at[dtype].values()) for at in peaks.values()) for dtype in ("model", "fp32"))
     results.update(roofline(results, results["stages"]["random_tta_off"], train_gflops, peak,
                             results[f"train_{backbone}"]["tinyseg"]))
@@ -357,8 +360,9 @@ def run(args: argparse.Namespace) -> int:
           + f"; utilization of the {peak:.0f} GFLOP/s dense peak: "
           + ", ".join(f"{k} {v:.1%}" for k, v in results["utilization"].items()))
     if max(results["utilization"].values()) > 1:
-        print("utilization above 100%: the peak measurements were slowed (another process, the CPU's clock); "
-              "rerun with nothing else running", file=sys.stderr)
+        results["utilization_warning"] = ("utilization above 100%: most likely the peak measurements were slowed "
+                                          "(another process, the CPU's clock); rerun with nothing else running")
+        print(results["utilization_warning"], file=sys.stderr)
     if DEVICE.startswith("cuda"):
         results["train_gpu_peak_mib"] = TRAIN_GPU_PEAK_MIB
         print("peak GPU memory of training (MiB):", ", ".join(f"{k} {v:.0f}" for k, v in TRAIN_GPU_PEAK_MIB.items()))

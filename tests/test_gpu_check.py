@@ -70,6 +70,8 @@ def test_dry_run_writes_the_throughput_keys(dry_run):
     # the peak is the best of a matmul and a convolution, measured at the start and at the end of the run
     measured = [value for at in ("start", "end") for value in result["peak_measurements"][at]["model"].values()]
     assert len(measured) == 4 and result["peak_gflops"] == max(measured)
+    fp32 = [value for at in ("start", "end") for value in result["peak_measurements"][at]["fp32"].values()]
+    assert result["peak_gflops_fp32"] == max(fp32)
     # the preset's defaults (tinyvoc: flip TTA) ran, and were timed stage by stage
     assert result["stages"]["random_default"]["tta"] and not result["stages"]["random_tta_off"]["tta"]
     assert result["stages"]["random_default"]["seconds_per_image"]["TTA merge"] > 0
