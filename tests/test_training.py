@@ -207,15 +207,20 @@ def test_ctrl_c_saves_a_resumable_checkpoint(shapes, tmp_path):
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == target
 
 
-def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_path, monkeypatch):
+def _one_second_per_clock_read(monkeypatch) -> None:
+    """The trainer's clock advances one second each time it is read, so a budgeted run is the same on an idle
+    machine and on a loaded one."""
     import types
 
     import tinyseg.training.trainer as trainer_module
 
-    # The trainer's clock advances one second each time it is read, so the run is the same on an idle
-    # machine and on a loaded one: 0.2 min = 12 clock reads, far fewer than 100 epochs' 400 iterations.
     ticks = iter(range(10**6))
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+
+
+def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_path, monkeypatch):
+    # 0.2 min = 12 clock reads, far fewer than 100 epochs' 400 iterations.
+    _one_second_per_clock_read(monkeypatch)
     config = tiny_config(shapes, tmp_path, "solver.epochs=100", "solver.warmup_iters=0", "train.max_time_min=0.2",
                          "train.eval_every=0", "data.val_json=", "data.val_fraction=0")
     summary = train(config)
@@ -223,6 +228,19 @@ def test_time_budget_stops_training_and_decays_the_learning_rate(shapes, tmp_pat
     assert 2 < summary["iterations"] < 12 and (tmp_path / "last.pt").exists()
     # the budgeted cosine follows wall time: the last logged rate is well below the first
     assert records[-1]["lr"] < 0.5 * records[0]["lr"]
+
+
+def test_a_time_budget_replaces_the_epoch_count(shapes, tmp_path, monkeypatch):
+    """As Ultralytics' `time`: with train.max_time_min the run lasts the budget, not solver.epochs (a preset's
+    100 epochs of 13 fruits_nuts images ended 2 of 10 minutes early); solver.max_iters still ends it first."""
+    _one_second_per_clock_read(monkeypatch)
+    config = tiny_config(shapes, tmp_path, "solver.epochs=1", "solver.warmup_iters=0", "train.max_time_min=1",
+                         "train.eval_every=0", "data.val_json=", "data.val_fraction=0", "solver.batch_size=4")
+    summary = train(config)
+    assert summary["epochs"] > 2 and summary["iterations"] > 2 * 2
+    capped = tiny_config(shapes, tmp_path / "capped", "solver.max_iters=3", "solver.warmup_iters=0",
+                         "train.max_time_min=1", "train.eval_every=0", "data.val_json=", "data.val_fraction=0")
+    assert train(capped)["iterations"] == 3
 
 
 def test_a_warm_up_longer_than_half_the_run_is_flagged(shapes, tmp_path, caplog):

@@ -130,7 +130,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 = only at the end
     log_every: int = 10  # iterations between metrics.jsonl lines
     nonfinite_loss: str = "stop"  # stop | skip
-    max_time_min: float = 0.0  # stop cleanly (checkpoint + eval) after this much wall time; 0 = off
+    # Train for this much wall time, then stop cleanly (checkpoint + eval); as Ultralytics' `time`, it replaces
+    # solver.epochs (a cosine ends with it), while solver.max_iters still ends a run first. 0 = off
+    max_time_min: float = 0.0
     dist_timeout_min: float = 10.0  # a collective that waits longer (a dead peer) ends the job
     report: bool = True  # report.html and its plots at the end of the run (`tinyseg report RUN` writes it later)
     # MLflow tracking (pip install "tinyseg[mlflow]"): also on whenever MLFLOW_TRACKING_URI is set, which

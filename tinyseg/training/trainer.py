@@ -120,7 +120,7 @@ class Trainer:
             raise DatasetError(f"{len(self.sampler)} batches per epoch are fewer than solver.accumulate="
                                f"{s.accumulate}: no optimizer step could be taken; lower solver.accumulate")
         self.steps_per_epoch = len(self.sampler) // s.accumulate
-        self.total_iters = s.max_iters if s.max_iters > 0 else s.epochs * self.steps_per_epoch
+        self.total_iters = self._planned_iters()
         if s.warmup_iters * 2 > self.total_iters:
             # A short run that never leaves its warm-up learns almost nothing (benchmarks/README.md, "The
             # same number of images seen").
@@ -134,6 +134,16 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = build_scheduler(self.optimizer, s, self.total_iters, self.steps_per_epoch,
                                          self._time_progress)
+
+    def _planned_iters(self) -> float:
+        s = self.cfg.solver
+        if s.max_iters > 0:
+            return s.max_iters
+        if self.cfg.train.max_time_min > 0:
+            # As Ultralytics' `time`, a wall-clock budget replaces the epoch count: the run and its cosine end
+            # with the time. With an epoch cap as well, a small dataset stopped well inside the budget asked for.
+            return math.inf
+        return s.epochs * self.steps_per_epoch
 
     def _time_progress(self) -> float:
         """Share of train.max_time_min used so far (0 without a budget): a budgeted cosine decays to 0 in time."""
@@ -208,10 +218,15 @@ class Trainer:
         except Exception as error:  # a plot must never cost the user a finished training run
             log.warning("could not write the report: %s", error)
 
-    def max_epochs(self) -> int:
-        if self.cfg.solver.max_iters > 0:
-            return math.ceil(self.cfg.solver.max_iters / self.steps_per_epoch)
-        return self.cfg.solver.epochs
+    def max_epochs(self) -> float:
+        if math.isfinite(self.total_iters):
+            return math.ceil(self.total_iters / self.steps_per_epoch)
+        return math.inf
+
+    def _epoch_label(self) -> str:
+        if math.isfinite(self.max_epochs()):
+            return f"epoch {self.epoch + 1}/{self.max_epochs()}"
+        return f"epoch {self.epoch + 1} ({self.cfg.train.max_time_min:g} min budget)"
 
     def _time_is_up(self) -> bool:
         over = self.cfg.train.max_time_min > 0 and self._time_progress() >= 1.0
@@ -237,7 +252,7 @@ class Trainer:
         # Micro-batches past the last whole optimizer step are not run: their gradients would otherwise
         # be added into the next epoch's first step, which would then see more samples than the others.
         usable = self.steps_per_epoch * accumulate
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.max_epochs()}", disable=not self.main,
+        bar = tqdm(self.loader, desc=self._epoch_label(), disable=not self.main,
                    initial=self.epoch_step, total=usable, dynamic_ncols=True)
         for images, targets in bar:
             if self.epoch_step >= usable:
