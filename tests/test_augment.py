@@ -159,6 +159,26 @@ def test_flipped_copies_mirror_the_plain_copies(shapes):
         assert torch.equal(again, plain)
 
 
+def test_photometric_jitter_keeps_colours_unless_channels_are_permuted():
+    """torchvision's RandomPhotometricDistort shuffles the channels half the time, which turns a brown date
+    into a purple fig; tinyseg's photometric jitter keeps the channel order unless told otherwise."""
+    from torchvision import tv_tensors
+
+    red = tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    red[0] = 200
+    target = {"masks": tv_tensors.Mask(torch.ones(1, 8, 8, dtype=torch.bool)), "labels": torch.tensor([1]),
+              "boxes": tv_tensors.BoundingBoxes([[0, 0, 8, 8]], format="XYXY", canvas_size=(8, 8))}
+
+    def dominant_channels(channel_permutation: bool) -> set[int]:
+        pipeline = build(InputConfig(min_size=[8], max_size=8, hflip_prob=0.0, photometric=True,
+                                     channel_permutation=channel_permutation)).sample
+        torch.manual_seed(0)
+        return {int(pipeline(red, target)[0].mean(dim=(1, 2)).argmax()) for _ in range(40)}
+
+    assert dominant_channels(False) == {0}
+    assert len(dominant_channels(True)) > 1
+
+
 @pytest.mark.parametrize("where, workers", [("after_step", 0), ("inside_step", 1)])
 def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch, where, workers):
     """Ctrl-C right after step 1, or inside step 2 before its optimizer step (that batch then runs again), with

@@ -59,7 +59,10 @@ class InputConfig:
     # copies=3 with flipped_copies=1 reproduces that; copies=1 is the usual one pass per epoch.
     copies: int = 1
     flipped_copies: int = 0
-    photometric: bool = False
+    photometric: bool = False  # brightness, contrast, saturation and hue jitter, each with p 0.5 (SSD's)
+    # Photometric's channel shuffle as torchvision's RandomPhotometricDistort has it: it hides colour, which
+    # tells fruits_nuts' classes apart (benchmarks/README.md, "Colour as a class cue")
+    channel_permutation: bool = False
     lsj: bool = False  # large-scale jitter: random resize by lsj_scale, then crop/pad to lsj_size
     lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])
     lsj_size: int = 1024
