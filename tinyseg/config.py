@@ -61,7 +61,7 @@ class InputConfig:
     flipped_copies: int = 0
     photometric: bool = False  # brightness, contrast, saturation and hue jitter, each with p 0.5 (SSD's)
     # Photometric's channel shuffle as torchvision's RandomPhotometricDistort has it: it hides colour, which
-    # tells fruits_nuts' classes apart (benchmarks/README.md, "Colour as a class cue")
+    # tells fruits_nuts' classes apart (benchmarks/README.md, "fruits_nuts on Zen 4")
     channel_permutation: bool = False
     lsj: bool = False  # large-scale jitter: random resize by lsj_scale, then crop/pad to lsj_size
     lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])
