@@ -241,6 +241,11 @@ def test_a_time_budget_replaces_the_epoch_count(shapes, tmp_path, monkeypatch):
     capped = tiny_config(shapes, tmp_path / "capped", "solver.max_iters=3", "solver.warmup_iters=0",
                          "train.max_time_min=1", "train.eval_every=0", "data.val_json=", "data.val_fraction=0")
     assert train(capped)["iterations"] == 3
+    # a step schedule is set in epochs, so they stay its end
+    stepped = tiny_config(shapes, tmp_path / "stepped", "solver.epochs=1", "solver.scheduler=step",
+                          "solver.step_epochs=[1]", "train.max_time_min=1", "train.eval_every=0", "data.val_json=",
+                          "data.val_fraction=0", "solver.warmup_iters=0")
+    assert train(stepped)["epochs"] == 1
 
 
 def test_a_warm_up_longer_than_half_the_run_is_flagged(shapes, tmp_path, caplog):

@@ -134,7 +134,8 @@ class TrainConfig:
     log_every: int = 10  # iterations between metrics.jsonl lines
     nonfinite_loss: str = "stop"  # stop | skip
     # Train for this much wall time, then stop cleanly (checkpoint + eval); as Ultralytics' `time`, it replaces
-    # solver.epochs (a cosine ends with it), while solver.max_iters still ends a run first. 0 = off
+    # solver.epochs (a cosine ends with it; a step schedule, set in epochs, keeps them as a cap), while
+    # solver.max_iters still ends a run first. 0 = off
     max_time_min: float = 0.0
     dist_timeout_min: float = 10.0  # a collective that waits longer (a dead peer) ends the job
     report: bool = True  # report.html and its plots at the end of the run (`tinyseg report RUN` writes it later)
@@ -393,5 +394,7 @@ def validate(config: Config) -> None:
            if not holds(getattr(getattr(config, section), key))]
     if config.solver.epochs == 0 and config.solver.max_iters == 0:
         bad.append("'solver.epochs' must be >= 1 (or solver.max_iters > 0), got 0")
+    if config.input.channel_permutation and not config.input.photometric:
+        bad.append("'input.channel_permutation' is a part of the photometric jitter: set input.photometric=true")
     if bad:
         raise ConfigError("; ".join(bad))

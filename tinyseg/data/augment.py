@@ -80,7 +80,8 @@ def sample_pipeline(cfg: InputConfig) -> v2.Compose:
 
 def photometric_jitter(channel_permutation: bool) -> list:
     """torchvision's RandomPhotometricDistort (SSD's ranges, each part with p 0.5) from public transforms, with its
-    channel shuffle only when asked for: a shuffle makes a purple fig out of a brown date."""
+    channel shuffle only when asked for: a shuffle makes a purple fig out of a brown date. Contrast always comes
+    before saturation and hue (torchvision draws that order)."""
     parts = [v2.ColorJitter(brightness=(0.875, 1.125)), v2.ColorJitter(contrast=(0.5, 1.5)),
              v2.ColorJitter(saturation=(0.5, 1.5)), v2.ColorJitter(hue=(-0.05, 0.05))]
     if channel_permutation:

@@ -1,7 +1,8 @@
 """What a resumed run may change: the run's own settings by default, and nothing that shapes its weights.
 
 `--resume` continues last.pt's weights, optimizer moments and schedule. Without `--config` it reads the run's
-config.yaml, so `tinyseg train --output-dir RUN --resume solver.epochs=30` extends a run as trained; with a
+config.yaml, so `tinyseg train --output-dir RUN --resume solver.epochs=30` extends a run as trained (one with a
+time budget: a larger train.max_time_min); with a
 config whose model or optimizer differs, the saved state cannot be loaded, and that is said before the data
 checks and before anything in the run folder is rewritten.
 """

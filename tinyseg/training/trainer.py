@@ -139,7 +139,7 @@ class Trainer:
         s = self.cfg.solver
         if s.max_iters > 0:
             return s.max_iters
-        if self.cfg.train.max_time_min > 0:
+        if self.cfg.train.max_time_min > 0 and s.scheduler != "step":  # a step schedule is set in epochs
             # As Ultralytics' `time`, a wall-clock budget replaces the epoch count: the run and its cosine end
             # with the time. With an epoch cap as well, a small dataset stopped well inside the budget asked for.
             return math.inf
@@ -182,7 +182,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         self.started = time.time()
         try:
-            while self.epoch < self.max_epochs() and self.iteration < self.total_iters:
+            while self.epoch < self.max_epochs() and self.iteration < self.total_iters and not self._time_is_up():
                 finished = self._train_epoch()
                 if finished:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
