@@ -37,7 +37,8 @@ def test_overrides_dotted_and_short(tmp_path):
     ("model.fpn_channels=0", "'model.fpn_channels' must be >= 1"),
     ("solver.epochs=0", "'solver.epochs' must be >= 1"),
     ("solver.momentum=1.5", r"'solver.momentum' must be in \[0, 1\)"),
-    ("input.lsj_scale=[2.0,0.1]", "'input.lsj_scale' must be \\[low, high\\] with 0 < low <= high"),    # the default preset has no photometric jitter, so the shuffle would silently do nothing
+    ("input.lsj_scale=[2.0,0.1]", "'input.lsj_scale' must be \\[low, high\\] with 0 < low <= high"),
+    # the default preset has no photometric jitter, so the shuffle would silently do nothing
     ("input.channel_permutation=true", "'input.channel_permutation' is a part of the photometric jitter"),
 ])
 def test_bad_overrides_are_clear(override, message):

@@ -2,9 +2,8 @@
 
 `--resume` continues last.pt's weights, optimizer moments and schedule. Without `--config` it reads the run's
 config.yaml, so `tinyseg train --output-dir RUN --resume solver.epochs=30` extends a run as trained (one with a
-time budget: a larger train.max_time_min); with a
-config whose model or optimizer differs, the saved state cannot be loaded, and that is said before the data
-checks and before anything in the run folder is rewritten.
+time budget: a larger train.max_time_min); with a config whose model or optimizer differs, the saved state
+cannot be loaded, and that is said before the data checks and before anything in the run folder is rewritten.
 """
 
 from __future__ import annotations
