@@ -6,8 +6,9 @@ from torchvision.transforms.v2 import functional as F
 
 from tinyseg.config import InputConfig
 from tinyseg.data.augment import BatchTransform, CopyPaste, build
+from tinyseg.data.mosaic import Mosaic
 from tinyseg.data.coco import load_coco
-from tinyseg.data.dataset import InstanceDataset
+from tinyseg.data.dataset import InstanceDataset, finalize_target
 from tinyseg.inference.tta import _unflip, merge_views
 from tinyseg.runtime.checkpoint import load_checkpoint
 from tinyseg.training.trainer import Trainer
@@ -180,12 +181,13 @@ def test_photometric_jitter_keeps_colours_unless_channels_are_permuted():
 
 
 @pytest.mark.parametrize("where, workers", [("after_step", 0), ("inside_step", 1)])
-def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch, where, workers):
+def test_mixing_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_path, monkeypatch, where, workers):
     """Ctrl-C right after step 1, or inside step 2 before its optimizer step (that batch then runs again), with
-    the loader in-process or in a persistent worker (whose first iterator takes a draw from the global RNG)."""
+    the loader in-process or in a persistent worker (whose first iterator takes a draw from the global RNG);
+    with both augmentations that mix images, copy-paste in the batch and mosaic in the dataset."""
     # 8 images in batches of 2: 4 steps per epoch; the interruption falls after step 1 of 2.
-    settings = ("input.copy_paste_prob=1.0", "solver.max_iters=2", "solver.warmup_iters=1", "input.min_size=[64]",
-                "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false",
+    settings = ("input.copy_paste_prob=1.0", "input.mosaic_prob=0.5", "solver.max_iters=2", "solver.warmup_iters=1",
+                "input.min_size=[64]", "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false",
                 f"data.num_workers={workers}")
     Trainer(tiny_config(shapes, tmp_path / "straight", *settings)).fit()
 
@@ -213,3 +215,66 @@ def test_copy_paste_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, t
     assert resumed["iteration"] == reference["iteration"] == 2
     for key, value in reference["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def _mosaic_sample(value: float, boxes_masks: list, label: int, size: int = 20):
+    """A square image of one grey value, with rectangle instances (y0, y1, x0, x1) of one label."""
+    image, target = torch.full((3, size, size), value), _target(boxes_masks, label)
+    target["masks"] = target["masks"][:, :size, :size]
+    return image, target
+
+
+def test_mosaic_shows_each_image_beside_the_centre_and_drops_instances_cut_to_a_sliver():
+    whole = (0, 20, 0, 20)
+    # Image 0's instances: its bottom-right quarter (all shown), its top-left quarter (not shown), a strip
+    # half shown, and a column with 1 of its 11 pixels shown (under a tenth: dropped).
+    first = _mosaic_sample(0.1, [(10, 20, 10, 20), (0, 10, 0, 10), (0, 20, 15, 20), (0, 11, 12, 13)], label=1)
+    samples = [first, *(_mosaic_sample(0.1 * k, [whole], label=k) for k in (2, 3, 4))]
+    image, target = Mosaic(1.0).compose(samples, centre=[1.0, 1.0], zoom=1.0)
+    # At zoom 1 about the middle, each image shows the quarter that touches the centre, its masks with it.
+    quarters = [(slice(0, 10), slice(0, 10)), (slice(0, 10), slice(10, 20)), (slice(10, 20), slice(0, 10)),
+                (slice(10, 20), slice(10, 20))]
+    assert torch.equal(image[:, :10, :10], first[0][:, 10:, 10:])
+    assert target["labels"].tolist() == [1, 1, 2, 3, 4]
+    expected = torch.zeros(5, 20, 20, dtype=torch.uint8)
+    expected[0][quarters[0]] = 1
+    expected[1, 0:10, 5:10] = 1  # the strip's lower half
+    for k, (quarter, value) in enumerate(zip(quarters[1:], (0.2, 0.3, 0.4))):
+        expected[2 + k][quarter] = 1
+        assert torch.allclose(image[(slice(None), *quarter)], torch.tensor(value))
+    assert torch.equal(target["masks"], expected)
+
+    # A zoom of 1.3 with a non-integer window: each piece is resized whole, then cut, so the shown quarter of
+    # image 0 lands exactly where its pixels are (rows -16..10 of the output hold image 0's 26 zoomed rows).
+    image, target = Mosaic(1.0).compose(samples, centre=[1.0, 1.0], zoom=1.3)
+    assert torch.equal(finalize_target(target)["boxes"][0], torch.tensor([0.0, 0.0, 10.0, 10.0]))
+    assert torch.allclose(image[:, :10, :10], torch.tensor(0.1)) and torch.allclose(image[:, 10:, 10:], torch.tensor(0.4))
+
+    # At zoom 0.5 about the middle the window is the whole canvas: all four images whole at half size. A
+    # smaller last image leaves part of its quarter to Ultralytics' grey.
+    small = _mosaic_sample(0.4, [(0, 10, 0, 10)], label=4, size=10)
+    image, target = Mosaic(1.0).compose([*samples[:3], small], centre=[1.0, 1.0], zoom=0.5)
+    assert target["labels"].tolist() == [1, 1, 1, 1, 2, 3, 4]
+    assert [m.nonzero().min(0).values.tolist() + m.nonzero().max(0).values.tolist() for m in target["masks"][-3:]] == [
+        [0, 10, 9, 19], [10, 0, 19, 9], [10, 10, 14, 14]]
+    assert torch.allclose(image[:, 10:15, 10:15], torch.tensor(0.4)) and torch.all(image[:, 15:, 15:] == 114 / 255)
+
+    # A centre at the window's bottom-right corner shows the first image alone.
+    image, target = Mosaic(1.0).compose(samples, centre=[1.5, 1.5], zoom=1.0)
+    assert torch.equal(image, first[0]) and target["labels"].tolist() == [1, 1, 1, 1]
+
+
+def test_mosaic_samples_are_four_images_in_one_and_repeat_for_their_seed(shapes):
+    data = load_coco(shapes["train"])
+    plain_config = InputConfig(min_size=[96], max_size=160, hflip_prob=0.0)
+    assert build(plain_config).mosaic is None  # off by default: no draws taken, earlier runs repeat
+    augmentation = build(InputConfig(min_size=[96], max_size=160, hflip_prob=0.0, mosaic_prob=1.0))
+    plain = InstanceDataset(data.images, shapes["images"], data.categories, build(plain_config).sample)
+    mosaic = InstanceDataset(data.images, shapes["images"], data.categories, augmentation.sample,
+                             mosaic=augmentation.mosaic)
+    for index in range(4):
+        (image, target), (again, _), (alone, _) = mosaic[(index, 3)], mosaic[(index, 3)], plain[(index, 3)]
+        assert torch.equal(image, again) and image.shape == alone.shape and not torch.equal(image, alone)
+        assert not torch.equal(image, mosaic[(index, 4)][0])  # another epoch, another mosaic
+        assert len(target["masks"]) == len(target["boxes"]) == len(target["labels"])
+        assert all(m.any() for m in target["masks"])

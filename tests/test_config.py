@@ -38,6 +38,8 @@ def test_overrides_dotted_and_short(tmp_path):
     ("solver.epochs=0", "'solver.epochs' must be >= 1"),
     ("solver.momentum=1.5", r"'solver.momentum' must be in \[0, 1\)"),
     ("input.lsj_scale=[2.0,0.1]", "'input.lsj_scale' must be \\[low, high\\] with 0 < low <= high"),
+    ("input.mosaic_scale=[1.5,0.5]", "'input.mosaic_scale' must be \\[low, high\\] with 0 < low <= high"),
+    ("input.mosaic_prob=2", r"'input.mosaic_prob' must be in \[0, 1\]"),
     # the default preset has no photometric jitter, so the shuffle would silently do nothing
     ("input.channel_permutation=true", "'input.channel_permutation' is a part of the photometric jitter"),
 ])

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinyseg"
 
 LAYERS = [
     ["tinyseg", "tinyseg.runtime"],  # atomic writes, checkpoint I/O, devices and ranks, precision, metrics log
-    ["tinyseg.config"],
+    ["tinyseg.config", "tinyseg.config_rules"],
     ["tinyseg.data", "tinyseg.model", "tinyseg.evaluation"],
     ["tinyseg.inference"],  # predict, TTA, and the writers of results (submission, overlays, ONNX)
     ["tinyseg.training"],  # the training job, cross-validation, its report

@@ -46,7 +46,8 @@ def _add_ci_options(parser: argparse.ArgumentParser, switch: bool = True) -> Non
 
 
 def _add_format_option(parser: argparse.ArgumentParser) -> None:
-    from .config import CHOICES, DataConfig
+    from .config import DataConfig
+    from .config_rules import CHOICES
 
     parser.add_argument("--format", choices=CHOICES[("data", "format")], default=None,
                         help=f"the labels' format (default {DataConfig.format}: told by the layout; docs/formats.md)")

@@ -139,7 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         # the exported graph runs as exported, one image at a time: these would be silently ignored
         from dataclasses import replace
 
-        from .config import DataConfig, PredictConfig, TrainConfig, check_predict
+        from .config import DataConfig, PredictConfig, TrainConfig
+        from .config_rules import check_predict
 
         fixed = {"tta": None, "tta_scales": None, "batch_size": None, "amp": None, "device": TrainConfig.device,
                  "workers": DataConfig.num_workers}

@@ -1,14 +1,15 @@
 """Every train-time augmentation, built from the config in one place (as torchvision's references/detection
 keeps its presets apart from the training loop).
 
-Two kinds, returned together by `build`:
+Three kinds, returned together by `build`:
 
 - `SampleTransform`, one image at a time in the loader workers: the flipped copies (the reference
   solution's "original + copy + horizontally flipped copy"), then the torchvision.transforms.v2 pipeline
   (multi-scale resize or large-scale jitter, flip, photometric) on image, boxes and masks together. Its
   draws come from the global torch RNG, which the dataset seeds per sample from (seed, epoch, index).
-- `BatchTransform`, on a loaded batch, for augmentations that mix images: Simple Copy-Paste today, and the
-  place for mosaic or mixup. Each batch draws from its own `torch.Generator` seeded from (seed, epoch,
+- `Mosaic` (data/mosaic.py), in the dataset, since it loads images beyond the one sampled: four in one.
+- `BatchTransform`, on a loaded batch, for augmentations that mix the batch's images: Simple Copy-Paste
+  today, and the place for mixup. Each batch draws from its own `torch.Generator` seeded from (seed, epoch,
   batch index, rank), never from the global RNG: the model's own draws stay untouched, a run resumed
   mid-epoch repeats every batch exactly, and DDP ranks draw differently from each other.
 
@@ -27,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ..config import InputConfig
 from .dataset import finalize_target
+from .mosaic import Mosaic
 
 BatchOp = Callable[[list, list, torch.Generator], tuple[list, list]]
 BATCH_AUGMENTATION, MODEL = 0, 1  # the streams batch_seed keeps apart
@@ -153,6 +155,7 @@ class BatchTransform:
 class TrainAugmentation(NamedTuple):
     sample: SampleTransform
     batch: BatchTransform
+    mosaic: Mosaic | None  # the dataset's: it needs images beyond the one sampled
 
 
 def build(cfg: InputConfig, seed: int = 0, rank: int = 0) -> TrainAugmentation:
@@ -161,5 +164,6 @@ def build(cfg: InputConfig, seed: int = 0, rank: int = 0) -> TrainAugmentation:
     ops: list[BatchOp] = []
     if cfg.copy_paste_prob > 0:
         ops.append(CopyPaste(cfg.copy_paste_prob))
+    mosaic = Mosaic(cfg.mosaic_prob, tuple(cfg.mosaic_scale)) if cfg.mosaic_prob > 0 else None
     return TrainAugmentation(SampleTransform(sample_pipeline(cfg), cfg.flipped_copies),
-                             BatchTransform(ops, seed, rank))
+                             BatchTransform(ops, seed, rank), mosaic)

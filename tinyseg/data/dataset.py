@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as F
 from .coco import CategoryMap, ImageRecord
 from .rle import decode_masks, segmentation_to_rle
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_path, load_rgb
+from .mosaic import Mosaic
 
 
 class InstanceDataset(torch.utils.data.Dataset):
@@ -25,7 +26,7 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[ImageRecord], image_dir: str | Path, categories: CategoryMap,
                  transforms: Callable | None = None, copies: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0, mosaic: Mosaic | None = None):
         self.records = records
         self.seed = seed
         self.image_dir = Path(image_dir)
@@ -35,6 +36,7 @@ class InstanceDataset(torch.utils.data.Dataset):
         # image differently (flipped copies).
         self.transforms = transforms
         self.copies = max(1, copies)
+        self.mosaic = mosaic
         self.max_pixels = max_pixels
         self._rle_cache: dict[int, list[dict]] = {}
 
@@ -74,6 +76,13 @@ class InstanceDataset(torch.utils.data.Dataset):
         return self._load(key)
 
     def _load(self, index: int):
+        partners = self.mosaic.partners(len(self)) if self.mosaic is not None else []
+        if not partners:
+            return self._transformed(index)
+        image, target = self.mosaic([self._transformed(i) for i in [index, *partners]])
+        return image, finalize_target(target)
+
+    def _transformed(self, index: int):
         record = self.record(index)
         image = tv_tensors.Image(F.pil_to_tensor(load_rgb(image_path(self.image_dir, record.file_name),
                                                           self.max_pixels)))

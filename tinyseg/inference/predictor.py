@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, PredictConfig, TrainConfig, check_predict, config_from_dict
+from ..config import Config, PredictConfig, TrainConfig, config_from_dict
+from ..config_rules import check_predict
 from ..data.coco import CategoryMap
 from ..data.dataset import ImageListDataset, collate
 from ..runtime.checkpoint import load_checkpoint

@@ -97,7 +97,7 @@ class Trainer:
         self.augmentation = augment.build(c.input, c.train.seed, dist.rank())
         self.dataset = InstanceDataset(self.data.train_records, self.data.train_image_dir, self.data.categories,
                                        self.augmentation.sample, c.input.copies, c.data.max_image_pixels,
-                                       c.train.seed)
+                                       c.train.seed, self.augmentation.mosaic)
         self.dataset.cache_masks()
         factors = None
         if c.input.repeat_threshold > 0:

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ...config import CHOICES
+from ...config_rules import CHOICES
 from ..coco import ERROR, WARNING, CocoData, DatasetError, Problem, format_problems, inspect_coco, read_json
 from .common import report
 
