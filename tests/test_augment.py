@@ -187,8 +187,8 @@ def test_mixing_run_resumed_mid_epoch_matches_an_uninterrupted_one(shapes, tmp_p
     with both augmentations that mix images, copy-paste in the batch and mosaic in the dataset."""
     # 8 images in batches of 2: 4 steps per epoch; the interruption falls after step 1 of 2.
     settings = ("input.copy_paste_prob=1.0", "input.mosaic_prob=0.5", "solver.max_iters=2", "solver.warmup_iters=1",
-                "input.min_size=[64]", "input.max_size=96", "data.val_json=", "data.val_fraction=0", "input.aspect_ratio_grouping=false",
-                f"data.num_workers={workers}")
+                "input.min_size=[64]", "input.max_size=96", "data.val_json=", "data.val_fraction=0",
+                "input.aspect_ratio_grouping=false", f"data.num_workers={workers}")
     Trainer(tiny_config(shapes, tmp_path / "straight", *settings)).fit()
 
     config = tiny_config(shapes, tmp_path / "resumed", *settings)
@@ -248,7 +248,8 @@ def test_mosaic_shows_each_image_beside_the_centre_and_drops_instances_cut_to_a_
     # image 0 lands exactly where its pixels are (rows -16..10 of the output hold image 0's 26 zoomed rows).
     image, target = Mosaic(1.0).compose(samples, centre=[1.0, 1.0], zoom=1.3)
     assert torch.equal(finalize_target(target)["boxes"][0], torch.tensor([0.0, 0.0, 10.0, 10.0]))
-    assert torch.allclose(image[:, :10, :10], torch.tensor(0.1)) and torch.allclose(image[:, 10:, 10:], torch.tensor(0.4))
+    assert torch.allclose(image[:, :10, :10], torch.tensor(0.1))
+    assert torch.allclose(image[:, 10:, 10:], torch.tensor(0.4))
 
     # At zoom 0.5 about the middle the window is the whole canvas: all four images whole at half size. A
     # smaller last image leaves part of its quarter to Ultralytics' grey.

@@ -24,7 +24,7 @@ CHOICES = {
 
 
 def check_predict(p: Any) -> None:
-    """A PredictConfig's Prediction settings that would give an empty or a maskless submission, or fail mid-run."""
+    """A PredictConfig's settings that would give an empty or a maskless submission, or fail mid-run."""
     bad = [f"'predict.{name}' (--{name.replace('_', '-')}) must be {rule}, got {value}" for name, value, ok, rule in (
         ("score_thresh", p.score_thresh, 0.0 <= p.score_thresh <= 1.0, "in [0, 1]"),
         ("mask_thresh", p.mask_thresh, 0.0 < p.mask_thresh < 1.0, "in (0, 1)"),
